@@ -1,0 +1,69 @@
+"""`output:image`: where an image leaves the workflow as a stored output asset."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from imagegraph.errors import Issue
+from imagegraph.graph.ports import InputPort, OutputPort, PortType
+from imagegraph.nodes import imaging
+from imagegraph.nodes.base import Inputs, Node, NodeContext, NodeParams, Outputs
+
+
+class OutputParams(NodeParams):
+    format: Literal["original", "png", "jpeg", "webp", "avif"] = Field(
+        default="original",
+        description="Format of the stored file; 'original' keeps the incoming bytes as they are.",
+    )
+    quality: int | None = Field(default=None, ge=1, le=100, description="For lossy formats.")
+    filename: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$",
+        description="Base name for the file when outputs are written to a directory.",
+    )
+
+
+class OutputImage(Node[OutputParams]):
+    type = "output:image"
+    title = "Output image"
+    description = "Stores its image as an output of the execution, with how it was made."
+    params_model = OutputParams
+    inputs = (InputPort("image", PortType.IMAGE),)
+    outputs = (OutputPort("image", PortType.IMAGE),)
+    is_output = True
+
+    def check(self, params: OutputParams) -> list[Issue]:
+        if params.format not in ("original", *imaging.output_formats()):
+            return [
+                Issue(
+                    "unsupported_format",
+                    f"format {params.format!r} is not supported by this server",
+                    field="params.format",
+                )
+            ]
+        return []
+
+    async def run(self, ctx: NodeContext, params: OutputParams, inputs: Inputs) -> Outputs:
+        source = inputs["image"]
+
+        def store() -> Outputs:
+            if params.format in ("original", source.format) and params.quality is None:
+                stored = ctx.store_image(ctx.read_bytes(source), parents=[source], kind="output")
+            else:
+                fmt = params.format
+                if fmt == "original":
+                    # GIF, BMP and TIFF can be read but are not written: keep them lossless.
+                    writable = source.format in imaging.output_formats()
+                    fmt = source.format if writable else "png"
+                stored = ctx.store_image(
+                    ctx.load_image(source),
+                    parents=[source],
+                    kind="output",
+                    format=fmt,
+                    quality=params.quality,
+                )
+            return {"image": stored}
+
+        return await ctx.run_cpu(store, pixels=source.width * source.height)

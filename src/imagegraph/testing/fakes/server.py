@@ -1,0 +1,239 @@
+"""The common part of the provider fakes: a real HTTP server in a thread, fault injection,
+counters of paid jobs, and images to hand back.
+
+Each fake (`FalFake`, `ReplicateFake`, ...) is a Starlette app that speaks one provider's
+protocol: the same paths, status values, URL shapes, error bodies and headers. Tests and
+benchmarks point the adapters (or the provider's official SDK) at `fake.url`.
+
+    with FalFake(latency=1.0) as fal:
+        fal.faults.add("submit", Fault(status=429, headers={"Retry-After": "7"}))
+        ...                                  # run executions against fal.url
+        assert fal.accepted == 1             # jobs the provider would have charged for
+
+Faults are queued per endpoint ("submit", "status", "result", "download", "cancel", or
+"*") and each is used `times` times: an HTTP error with a body and headers, a slow answer
+(`delay`), no answer at all until the client gives up (`hang`), or a malformed body.
+Moderation and expired result URLs are switches of their own (`moderate`, `expire_after`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import secrets
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from imagegraph.nodes.sandbox import render
+
+MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+@dataclass
+class Fault:
+    """What one request gets instead of the normal answer."""
+
+    status: int | None = None  # an error status (with `body` and `headers`)
+    body: Any = None  # JSON-serializable, or bytes sent as they are
+    headers: Mapping[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # answer normally (or with `status`), this many seconds late
+    hang: bool = False  # never answer (until the server stops)
+    malformed: bool = False  # a 200 whose body is not what the protocol says
+    times: int = 1
+
+
+class FaultPlan:
+    """Faults waiting for the next requests to each endpoint (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queued: dict[str, list[Fault]] = {}
+
+    def add(self, endpoint: str, fault: Fault) -> None:
+        with self._lock:
+            self._queued.setdefault(endpoint, []).append(fault)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._queued.clear()
+
+    def take(self, endpoint: str) -> Fault | None:
+        with self._lock:
+            for key in (endpoint, "*"):
+                queue = self._queued.get(key)
+                if queue:
+                    fault = queue[0]
+                    fault.times -= 1
+                    if fault.times <= 0:
+                        queue.pop(0)
+                    return fault
+        return None
+
+
+@dataclass
+class StoredFile:
+    data: bytes
+    mime_type: str
+    created: float
+
+
+class FakeProvider:
+    """A provider fake running on 127.0.0.1 in a thread. Subclasses add `routes()`."""
+
+    name = "fake"
+
+    def __init__(
+        self,
+        *,
+        latency: float = 0.0,
+        moderate: Callable[[str], bool] | None = None,
+        expire_after: float | None = None,
+        api_key: str = "test-key",
+        port: int = 0,
+    ) -> None:
+        self.latency = latency  # seconds from submission to a finished job
+        # Prompts this returns True for are refused the way the provider refuses them.
+        self.moderate = moderate or (lambda prompt: "forbidden" in prompt.lower())
+        self.expire_after = expire_after  # seconds a result URL keeps serving its image
+        self.api_key = api_key
+        self.faults = FaultPlan()
+        self.requests: Counter[str] = Counter()  # requests per endpoint
+        self.accepted = 0  # jobs accepted: what the provider would charge for
+        self.cancelled = 0
+        self.files: dict[str, StoredFile] = {}
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._port = port
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._port}"
+
+    def start(self) -> FakeProvider:
+        if not self._port:
+            self._port = _free_port()
+        app = Starlette(routes=[*self.routes(), Route("/files/{token}", self._file)])
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self._port,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=1,  # requests held by a `hang` fault are dropped
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name=f"fake-{self.name}")
+        self._thread.daemon = True
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"the {self.name} fake did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        """Stop answering (jobs and files are kept: `start()` again resumes them, on the
+        same port, as a provider back from an outage)."""
+        if self._server is None:
+            return
+        self._server.should_exit = True
+        assert self._thread is not None
+        self._thread.join(timeout=10)
+        self._server = None
+
+    def __enter__(self) -> FakeProvider:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def routes(self) -> list[BaseRoute]:
+        raise NotImplementedError
+
+    # -- for subclasses ------------------------------------------------------------------
+
+    def authorized(self, request: Request, header: str, prefix: str = "") -> bool:
+        return request.headers.get(header, "") == f"{prefix}{self.api_key}"
+
+    async def inject(self, endpoint: str) -> Response | None:
+        """Count the request; apply the next fault queued for `endpoint`, if any: returns
+        the response to send instead of the normal one (None: answer normally)."""
+        with self._lock:
+            self.requests[endpoint] += 1
+        fault = self.faults.take(endpoint)
+        if fault is None:
+            return None
+        if fault.hang:
+            await asyncio.Event().wait()  # until the server stops
+        if fault.delay:
+            await asyncio.sleep(fault.delay)
+        if fault.malformed:
+            return Response(b"<html>502 bad gateway</html>", 200, media_type="text/html")
+        if fault.status is not None:
+            if isinstance(fault.body, bytes):
+                return Response(fault.body, fault.status, headers=dict(fault.headers))
+            return JSONResponse(fault.body, fault.status, headers=dict(fault.headers))
+        return None
+
+    def new_id(self) -> str:
+        return secrets.token_hex(12)
+
+    def count_accepted(self) -> None:
+        with self._lock:
+            self.accepted += 1
+
+    def done(self, job: Mapping[str, Any]) -> bool:
+        """Whether a job submitted at `job["submitted"]` has finished by now."""
+        return time.monotonic() - float(job["submitted"]) >= self.latency
+
+    def image(
+        self, prompt: str, seed: int, width: int, height: int, fmt: str = "png"
+    ) -> tuple[bytes, str]:
+        """A deterministic picture of the prompt (the sandbox's) as `fmt` bytes."""
+        picture = render(prompt, "", seed, width, height, 8, 7.5)
+        buffer = io.BytesIO()
+        pil_format = {"jpeg": "JPEG", "webp": "WEBP"}.get(fmt, "PNG")
+        picture.save(buffer, pil_format)
+        return buffer.getvalue(), MIME.get(fmt, "image/png")
+
+    def host_file(self, data: bytes, mime_type: str) -> str:
+        """Serve bytes at a URL of this fake (until `expire_after` passes)."""
+        token = secrets.token_urlsafe(12)
+        with self._lock:
+            self.files[token] = StoredFile(data, mime_type, time.monotonic())
+        return f"{self.url}/files/{token}"
+
+    async def _file(self, request: Request) -> Response:
+        fault = await self.inject("download")
+        if fault is not None:
+            return fault
+        stored = self.files.get(request.path_params["token"])
+        if stored is None or (
+            self.expire_after is not None and time.monotonic() - stored.created > self.expire_after
+        ):
+            return Response(b"<Error><Code>AccessDenied</Code></Error>", 403)
+        return Response(stored.data, media_type=stored.mime_type)
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

@@ -1,0 +1,123 @@
+"""State transitions straight against the database (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+
+from imagegraph.engine import queries, transitions
+from imagegraph.engine.transitions import Finished, Lease, Success
+from imagegraph.graph.model import parse_workflow
+from imagegraph.graph.plan import Plan
+from imagegraph.graph.validate import validate_workflow
+from imagegraph.runtime import Runtime
+from imagegraph.settings import Settings
+from tests.builders import linear
+
+OWNER = "host:1:test"
+TEXT = {"text": {"type": "text", "value": "a fox"}}
+
+
+@pytest.fixture
+async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    """Storage only: no worker, so every transition here is made by the test."""
+    runtime = Runtime.build(settings, run_worker=False)
+    await runtime.start()
+    yield runtime
+    await runtime.stop()
+
+
+def queue(runtime: Runtime, execution_id: str) -> tuple[Plan, transitions.Claim]:
+    doc = parse_workflow(linear())
+    plan = validate_workflow(doc, runtime.registry)
+    _, claims = transitions.create_execution(
+        runtime.db,
+        execution_id=execution_id,
+        workspace_id="ws_default",
+        workflow_id=None,
+        workflow_version=None,
+        graph=doc.to_json(),
+        inputs={},
+        plan=plan,
+        now=datetime.now(UTC),
+        lease=Lease(OWNER, 30, 10),
+    )
+    [claim] = claims
+    return plan, claim
+
+
+async def test_a_batch_records_each_outcome_and_claims_successors(runtime: Runtime) -> None:
+    plan_a, claim_a = queue(runtime, "exec_a")
+    plan_b, claim_b = queue(runtime, "exec_b")
+    completions = transitions.complete_many(
+        runtime.db,
+        OWNER,
+        [
+            Finished(claim_a, plan_a, Success(TEXT, 1.0), Lease(OWNER, 30, 1)),
+            Finished(claim_b, plan_b, Success(TEXT, 1.0), Lease(OWNER, 30, 1)),
+        ],
+        datetime.now(UTC),
+    )
+    assert [c.accepted for c in completions] == [True, True]
+    assert [[x.node_id for x in c.claims] for c in completions] == [["gen"], ["gen"]]
+    for completion, execution_id in zip(completions, ["exec_a", "exec_b"], strict=True):
+        assert {e.execution_id for e in completion.events} == {execution_id}
+        assert [e.type for e in completion.events] == ["node.succeeded", "node.started"]
+    recorded = [e.type for e in queries.load_events(runtime.db, "exec_a")]
+    assert recorded.count("node.succeeded") == 1  # each event stored once
+    assert recorded.count("node.started") == 2
+
+
+async def test_a_stale_run_in_a_batch_changes_nothing_and_spares_the_others(
+    runtime: Runtime,
+) -> None:
+    plan_a, claim_a = queue(runtime, "exec_a")
+    plan_b, claim_b = queue(runtime, "exec_b")
+    transitions.cancel_execution(runtime.db, "ws_default", "exec_b", datetime.now(UTC))
+    completions = transitions.complete_many(
+        runtime.db,
+        OWNER,
+        [
+            Finished(claim_a, plan_a, Success(TEXT, 1.0)),
+            Finished(claim_b, plan_b, Success(TEXT, 1.0)),
+        ],
+        datetime.now(UTC),
+    )
+    assert [c.accepted for c in completions] == [True, False]
+    assert completions[1].events == []
+    assert queries.execution_status(runtime.db, "ws_default", "exec_b").value == "CANCELLED"  # type: ignore[union-attr]
+    types_b = [e.type for e in queries.load_events(runtime.db, "exec_b")]
+    assert "node.succeeded" not in types_b
+
+
+async def test_a_lease_held_by_another_worker_is_not_ours_to_complete(runtime: Runtime) -> None:
+    plan, claim = queue(runtime, "exec_a")
+    [completion] = transitions.complete_many(
+        runtime.db,
+        "someone:else:x",
+        [Finished(claim, plan, Success(TEXT, 1.0))],
+        datetime.now(UTC),
+    )
+    assert completion.accepted is False
+    outputs = queries.load_outputs(runtime.db, "exec_a", ["prompt"])
+    assert outputs == {"prompt": None}
+
+
+async def test_an_earlier_attempt_cannot_record_over_a_later_one(runtime: Runtime) -> None:
+    """Lease lapsed, run claimed again by the same worker: the first attempt's late outcome
+    is refused (the attempt number fences it), the second attempt's is recorded."""
+    plan, first = queue(runtime, "exec_a")
+    transitions.requeue_runs(runtime.db, datetime.now(UTC), owners=[OWNER])
+    [second], _ = transitions.claim(runtime.db, OWNER, 10, 30, datetime.now(UTC))
+    assert (second.run_id, second.attempt) == (first.run_id, 2)
+    late = {"text": {"type": "text", "value": "from the first attempt"}}
+    [stale] = transitions.complete_many(
+        runtime.db, OWNER, [Finished(first, plan, Success(late, 1.0))], datetime.now(UTC)
+    )
+    [current] = transitions.complete_many(
+        runtime.db, OWNER, [Finished(second, plan, Success(TEXT, 1.0))], datetime.now(UTC)
+    )
+    assert (stale.accepted, current.accepted) == (False, True)
+    assert queries.load_outputs(runtime.db, "exec_a", ["prompt"]) == {"prompt": TEXT}
