@@ -453,6 +453,64 @@ async def test_cancel_stops_the_job(adapter: FalAdapter, fake: FalFake) -> None:
     assert fake.cancelled == 1
 
 
+# -- the status stream -------------------------------------------------------------------
+
+
+async def test_watch_holds_the_status_stream_until_the_job_completes(
+    adapter: FalAdapter, fake: FalFake
+) -> None:
+    fake.latency = 0.4
+    job = await started(adapter, FLUX_DEV, small("a fox", seed=3))
+
+    result = await adapter.watch(job, seconds=10)
+
+    assert isinstance(result, Result)
+    assert result.seed == 3
+    assert result.details["metrics"] == {"inference_time": 0.4}
+    assert fake.requests["status"] == 1  # one stream, not a poll every so often
+
+
+async def test_a_watch_that_runs_out_of_time_says_where_the_job_is(
+    adapter: FalAdapter, fake: FalFake
+) -> None:
+    fake.latency = 5.0
+    job = await started(adapter, FLUX_DEV, small("a fox"))
+
+    assert await adapter.watch(job, seconds=0.2) == Pending("IN_QUEUE")
+    await adapter.cancel(job)
+
+
+async def test_a_watched_job_that_fails_or_is_cancelled_raises(
+    adapter: FalAdapter, fake: FalFake
+) -> None:
+    fake.latency = 0.2
+    failing = await started(adapter, FLUX_DEV, small("explode"))
+    with pytest.raises(ProviderError) as failed:
+        await adapter.watch(failing, seconds=10)
+    assert failed.value.kind == "failed"
+
+    fake.latency = 5.0
+    cancelled = await started(adapter, FLUX_DEV, small("a fox"))
+    watching = asyncio.create_task(adapter.watch(cancelled, seconds=10))
+    await asyncio.sleep(0.1)
+    await adapter.cancel(cancelled)
+    with pytest.raises(ProviderError) as stopped:
+        await watching
+    assert stopped.value.kind == "cancelled"
+
+
+async def test_a_stream_refused_with_an_error_raises_it(adapter: FalAdapter, fake: FalFake) -> None:
+    fake.latency = 0.2
+    job = await started(adapter, FLUX_DEV, small("a fox"))
+    fake.faults.add("status", Fault(status=503, body={"detail": "overloaded"}))
+
+    with pytest.raises(ProviderError) as caught:
+        await adapter.watch(job, seconds=10)
+
+    assert caught.value.kind == "unavailable"
+    assert isinstance(await adapter.watch(job, seconds=10), Result)  # the job was fine
+
+
 # -- webhooks ----------------------------------------------------------------------------
 
 

@@ -130,8 +130,9 @@ RETRY_RUN = Prepared(
     .where(_OWNED)
     .values(
         state=RunState.QUEUED.value,
-        # The failed attempt's provider job is over: the next attempt starts its own.
-        provider_job=None,
+        # The failed attempt's provider job is over: the next attempt starts its own (told
+        # only whether the last submit may have gone through).
+        provider_job=bindparam("b_job"),
         next_attempt_at=bindparam("b_retry_at"),
         error=bindparam("b_error"),
         duration_ms=bindparam("b_duration"),

@@ -100,6 +100,8 @@ class Failure:
     error: Mapping[str, Any]
     duration_ms: float
     retry_at: datetime | None = None
+    # What the next attempt is told of this one's provider call (a submit in doubt).
+    provider_job: Mapping[str, Any] | None = None
 
 
 @dataclass
@@ -391,6 +393,7 @@ def _complete(
                 **owned,
                 "b_retry_at": outcome.retry_at,
                 "b_error": dict(outcome.error),
+                "b_job": dict(outcome.provider_job) if outcome.provider_job else None,
                 "b_duration": outcome.duration_ms,
             },
         ).rowcount

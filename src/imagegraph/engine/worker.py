@@ -518,7 +518,12 @@ class Worker:
         if retryable and claim.attempt < self.settings.node_max_attempts:
             retry_after = exc.retry_after if isinstance(exc, NodeError) else None
             retry_at = utcnow() + timedelta(seconds=self._backoff(claim.attempt, retry_after))
-        return Failure(error=error, duration_ms=_ms(started), retry_at=retry_at)
+        carried = None
+        if retry_at is not None and exc.extra.get("submitInDoubt"):
+            carried = {"provider": provider, "previousAttemptInDoubt": True, "job": None}
+        return Failure(
+            error=error, duration_ms=_ms(started), retry_at=retry_at, provider_job=carried
+        )
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         """Full jitter: uniform in [0, min(cap, base * 2^(attempt-1))]. A Retry-After

@@ -9,9 +9,10 @@ A run of such a node:
    us pay for a second one);
 3. waits for a slot of the provider's admission limit, submits, and on a 429 pauses the
    whole provider for its Retry-After and submits again (throttling never fails a node);
-4. polls the job (waking early when the provider's webhook announces it), downloads the
-   images at once (provider URLs expire within minutes) and stores them as assets with
-   provider, model, version, request id, seed and reported cost.
+4. watches the job on its status stream where the provider has one, else polls it (waking
+   early when the provider's webhook announces it), downloads the images at once (provider
+   URLs expire within minutes) and stores them as assets with provider, model, version,
+   request id, seed and reported cost.
 
 Failures become node errors the engine knows how to treat: `content_blocked` (never
 retried), transient ones (retried with backoff, within the provider's retry budget), and
@@ -60,6 +61,8 @@ POLL_GROWTH = 1.5
 MAX_POLL_SECONDS = 2.0
 # With a webhook announcing the end, polling is only the safety net.
 MAX_POLL_SECONDS_WITH_WEBHOOK = 10.0
+# How long one watch (a provider's status stream) is held open before it is opened again.
+WATCH_SECONDS = 30.0
 # Poll errors in a row (the job may well be fine) before the attempt gives up.
 MAX_POLL_ERRORS = 8
 CANCEL_SECONDS = 5.0
@@ -425,7 +428,11 @@ async def _submit(
                 await limiter.pace()
                 continue
             _count_failure(hub, route, exc)
-            raise _node_error(exc, route) from None
+            error = _node_error(exc, route)
+            if exc.kind == "timeout":
+                # The request may have reached the provider: the next attempt says so.
+                error.extra["submitInDoubt"] = True
+            raise error from None
         break
     if isinstance(started, Job):
         await ctx.save_provider_job({**record, "job": started.to_json()})
@@ -441,16 +448,23 @@ async def _finish(
     ceiling = (
         MAX_POLL_SECONDS_WITH_WEBHOOK if hub.webhook_url(route.provider) else (MAX_POLL_SECONDS)
     )
+    # A job announced by webhook is polled now and then; otherwise it is watched on the
+    # provider's status stream if it has one (one held connection per job).
+    watching = adapter.watches and not hub.webhook_url(route.provider)
     delay = FIRST_POLL_SECONDS
     errors = 0
     try:
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await waiter.wait()
-            waiter.clear()
+            if not watching or errors:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await waiter.wait()
+                waiter.clear()
             try:
-                outcome = await adapter.poll(job)
+                if watching:
+                    outcome = await adapter.watch(job, WATCH_SECONDS)
+                else:
+                    outcome = await adapter.poll(job)
             except ProviderError as exc:
                 if exc.retryable and errors < MAX_POLL_ERRORS:
                     errors += 1  # the job itself may be fine: ask again later

@@ -211,6 +211,8 @@ class Adapter(ABC):
     supports_cancel: ClassVar[bool] = False
     # Whether `start` can ask the provider to call us back when the job ends.
     supports_webhook: ClassVar[bool] = False
+    # Whether `watch` holds a connection open until the job changes (else it is `poll`).
+    watches: ClassVar[bool] = False
 
     def __init__(self, config: ProviderConfig, http: httpx.AsyncClient) -> None:
         self.config = config
@@ -226,6 +228,11 @@ class Adapter(ABC):
     async def poll(self, job: Job) -> Pending | Result:
         """Where a job stands; its `Result` once done. Raises `ProviderError` if it failed."""
         raise ProviderError(self.name, "bad_request", "this provider answers synchronously")
+
+    async def watch(self, job: Job, seconds: float) -> Pending | Result:
+        """Like `poll`, but may wait up to `seconds` for the job to end, on a connection the
+        provider holds open (a status stream), so the end is seen the moment it comes."""
+        return await self.poll(job)
 
     async def cancel(self, job: Job) -> None:  # noqa: B027 (most providers cannot cancel)
         """Ask the provider to stop a job (best effort; providers without cancel do

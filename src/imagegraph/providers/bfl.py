@@ -183,14 +183,19 @@ class BflAdapter(Adapter):
         need the key too. Never over http when the base URL is https. The "registrable
         domain" is the last two labels, right for bfl.ai and bfl.ml (not for the likes of
         co.uk, which BFL does not use)."""
-        if super().trusted(url):
-            return True
         base, target = urlsplit(self.config.base_url), urlsplit(url)
         if base.scheme == "https" and target.scheme != "https":
             return False
+        if super().trusted(url):
+            return True
         domain = _registrable_domain(base.hostname)
         host = target.hostname
         return bool(domain and host and (host == domain or host.endswith(f".{domain}")))
+
+    def error(self, response: httpx.Response, message: str | None = None) -> ProviderError:
+        """The `ProviderError` for an HTTP error status; a 422 names the fields BFL
+        refused ("width: Input should be a multiple of 32")."""
+        return super().error(response, message or _refused_fields(response))
 
     # -- our request in BFL's terms ------------------------------------------------------
 
@@ -234,7 +239,7 @@ class BflAdapter(Adapter):
                 )
         # BFL takes input images as raw base64 (or a URL), not as data URIs.
         take("image", request.image.data_uri().partition(",")[2] if request.image else None)
-        take("mask", request.mask)
+        take("mask", request.mask.data_uri().partition(",")[2] if request.mask else None)
         take("scale", request.scale)
         fixed = route.options.get("fixed") or {}
         return {**fixed, **sent, **request.extra}
@@ -335,6 +340,23 @@ def _json_or_none(response: httpx.Response) -> Any:
         return response.json()
     except ValueError:
         return None
+
+
+def _refused_fields(response: httpx.Response) -> str | None:
+    """What a FastAPI `detail` list says, each message after its field; None for any other
+    body."""
+    body = _json_or_none(response)
+    detail = body.get("detail") if isinstance(body, dict) else None
+    if not isinstance(detail, list):
+        return None
+    messages = []
+    for entry in detail:
+        if not isinstance(entry, dict) or not isinstance(entry.get("msg"), str):
+            continue
+        loc = entry.get("loc")
+        names = [str(part) for part in loc if part != "body"] if isinstance(loc, list) else []
+        messages.append(f"{'.'.join(names)}: {entry['msg']}" if names else entry["msg"])
+    return "; ".join(messages)[:300] or None
 
 
 def _unsupported(param: str, model: str) -> ProviderError:

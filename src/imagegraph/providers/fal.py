@@ -20,12 +20,14 @@ steps, guidance, num_images, output_format, image_url); anything else goes in `e
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -167,6 +169,7 @@ class FalAdapter(Adapter):
     name: ClassVar[str] = "fal"
     supports_cancel: ClassVar[bool] = True
     supports_webhook: ClassVar[bool] = True
+    watches: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -205,7 +208,42 @@ class FalAdapter(Adapter):
         response = await self._send("GET", self._job_url(job, "status"))
         if response.is_error:
             raise self._error(response)
-        status = self._object(response)
+        return await self._outcome(job, response, self._object(response))
+
+    async def watch(self, job: Job, seconds: float) -> Pending | Result:
+        """The job's status stream (server-sent events) until it completes or `seconds`
+        pass; the last status seen if it does not complete in that time."""
+        url = self._job_url(job, "status") + "/stream"
+        response: httpx.Response | None = None
+        status: dict[str, Any] | None = None
+        try:
+            async with asyncio.timeout(seconds):
+                async with self._stream("GET", url) as response:
+                    if response.is_error:
+                        await response.aread()
+                        raise self._error(response)
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data:"):
+                            continue
+                        try:
+                            event = json.loads(line[5:])
+                        except ValueError:
+                            raise self._malformed(response, "an event that is not JSON") from None
+                        if not isinstance(event, dict):
+                            raise self._malformed(response, "an event that is not an object")
+                        status = event
+                        if status.get("status") == "COMPLETED":
+                            break
+        except TimeoutError:
+            pass
+        if response is None or status is None:
+            return Pending("IN_QUEUE")
+        return await self._outcome(job, response, status)
+
+    async def _outcome(
+        self, job: Job, response: httpx.Response, status: dict[str, Any]
+    ) -> Pending | Result:
+        """What a status answer means: still running, failed, or done (then the output)."""
         state = status.get("status")
         if state in ("IN_QUEUE", "IN_PROGRESS"):
             return Pending(str(state))
@@ -450,9 +488,7 @@ class FalAdapter(Adapter):
     ) -> httpx.Response:
         """One exchange, its failures as `ProviderError`s; the key goes only to the
         configured host."""
-        headers = {}
-        if auth and self.config.api_key and self.trusted(url):
-            headers["Authorization"] = f"Key {self.config.api_key}"
+        headers = self._auth(url) if auth else {}
         try:
             return await self.http.request(method, url, json=body, params=params, headers=headers)
         except httpx.TimeoutException as exc:
@@ -463,6 +499,27 @@ class FalAdapter(Adapter):
             raise ProviderError(
                 self.name, "unavailable", f"{method} {_path(url)} failed: {exc!r}"
             ) from exc
+
+    @contextlib.asynccontextmanager
+    async def _stream(self, method: str, url: str) -> AsyncIterator[httpx.Response]:
+        """A streamed exchange, its failures as `ProviderError`s, like `_send`."""
+        try:
+            async with self.http.stream(method, url, headers=self._auth(url)) as response:
+                yield response
+        except httpx.TimeoutException as exc:
+            raise ProviderError(
+                self.name, "timeout", f"{method} {_path(url)}: no answer in time ({exc!r})"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise ProviderError(
+                self.name, "unavailable", f"{method} {_path(url)} failed: {exc!r}"
+            ) from exc
+
+    def _auth(self, url: str) -> dict[str, str]:
+        """The key, for the configured host only."""
+        if self.config.api_key and self.trusted(url):
+            return {"Authorization": f"Key {self.config.api_key}"}
+        return {}
 
     async def _signed_by_fal(self, signature: bytes, message: bytes) -> bool:
         if _verifies(await self._webhook_keys(), signature, message):

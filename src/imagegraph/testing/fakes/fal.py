@@ -2,6 +2,7 @@
 
     POST /{owner}/{app}[/{path}][?fal_webhook=URL]   submit -> IN_QUEUE + the job's URLs
     GET  /{owner}/{app}/requests/{id}/status         202 IN_QUEUE | IN_PROGRESS, 200 COMPLETED
+    GET  /{owner}/{app}/requests/{id}/status/stream  the same as server-sent events, until done
     GET  /{owner}/{app}/requests/{id}                the output (400 while it runs)
     PUT  /{owner}/{app}/requests/{id}/cancel         202 CANCELLATION_REQUESTED, 400, 404
     GET  /.well-known/jwks.json                      the key webhooks are signed with
@@ -26,7 +27,7 @@ import io
 import json
 import secrets
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any
 
 import httpx
@@ -34,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from PIL import Image as PILImage
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from imagegraph.testing.fakes.server import MIME, FakeProvider
@@ -85,6 +86,11 @@ class FalFake(FakeProvider):
         return [
             Route("/.well-known/jwks.json", self._jwks, methods=["GET"]),
             Route("/{owner}/{app}/requests/{request_id}/status", self._status, methods=["GET"]),
+            Route(
+                "/{owner}/{app}/requests/{request_id}/status/stream",
+                self._status_stream,
+                methods=["GET"],
+            ),
             Route("/{owner}/{app}/requests/{request_id}/cancel", self._cancel, methods=["PUT"]),
             Route("/{owner}/{app}/requests/{request_id}", self._result, methods=["GET"]),
             Route("/{model:path}", self._submit, methods=["POST"]),
@@ -151,7 +157,7 @@ class FalFake(FakeProvider):
             "submitted": time.monotonic(),
             "cancelled": False,
         }
-        self.count_accepted()
+        self.count_accepted(request_id)
         if webhook:
             self._background(self._send_webhook_when_done(request_id))
         return JSONResponse(
@@ -176,6 +182,37 @@ class FalFake(FakeProvider):
         if job is None:
             return JSONResponse({"detail": "Request not found"}, 404)
         headers = {"x-fal-request-id": request.path_params["request_id"]}
+        code, body = self._status_of(job, logs=request.query_params.get("logs") == "1")
+        return JSONResponse(body, code, headers=headers)
+
+    async def _status_stream(self, request: Request) -> Response:
+        fault = await self.inject("status")
+        if fault is not None:
+            return fault
+        if not self._authorized(request):
+            return _unauthorized()
+        job = self._job(request)
+        if job is None:
+            return JSONResponse({"detail": "Request not found"}, 404)
+        logs = request.query_params.get("logs") == "1"
+
+        async def events() -> AsyncIterator[str]:
+            sent = None
+            while True:
+                _, body = self._status_of(job, logs=logs)
+                if body != sent:
+                    sent = body
+                    yield f"data: {json.dumps(body)}\n\n"
+                if body["status"] == "COMPLETED" or self.stopping:
+                    return
+                left = self.latency - (time.monotonic() - float(job["submitted"]))
+                await asyncio.sleep(min(max(left, 0.005), 0.05))
+
+        headers = {"x-fal-request-id": request.path_params["request_id"]}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    def _status_of(self, job: Mapping[str, Any], *, logs: bool) -> tuple[int, dict[str, Any]]:
+        """The status endpoint's code and body for `job` now."""
         elapsed = time.monotonic() - float(job["submitted"])
         body: dict[str, Any]
         if job["cancelled"]:
@@ -184,21 +221,21 @@ class FalFake(FakeProvider):
                 "error": "Request was cancelled",
                 "error_type": "request_cancelled",
             }
-            return JSONResponse(body, 200, headers=headers)
+            return 200, body
         if not self.done(job):
             in_queue = elapsed < self.latency / 2
             body = {"status": "IN_QUEUE" if in_queue else "IN_PROGRESS"}
             if in_queue:
                 body["queue_position"] = 0
-            if request.query_params.get("logs") == "1":
+            if logs:
                 body["logs"] = [] if in_queue else [_log("Generating")]
-            return JSONResponse(body, 202, headers=headers)
+            return 202, body
         body = {"status": "COMPLETED", "metrics": {"inference_time": self.latency}}
-        if request.query_params.get("logs") == "1":
+        if logs:
             body["logs"] = [_log("Generating"), _log("Done")]
         if self.fail(_prompt(job)):
             body |= {"error": "Internal server error", "error_type": "internal_server_error"}
-        return JSONResponse(body, 200, headers=headers)
+        return 200, body
 
     async def _result(self, request: Request) -> Response:
         fault = await self.inject("result")
@@ -214,6 +251,7 @@ class FalFake(FakeProvider):
         if not self.done(job):
             return JSONResponse({"detail": "Request is still in progress"}, 400)
         status, body = self._outcome(job)
+        self.job_taken(request.path_params["request_id"])
         headers = {"x-fal-request-id": request.path_params["request_id"]}
         if status >= 500:
             headers["X-Fal-Retryable"] = "false"
@@ -231,6 +269,7 @@ class FalFake(FakeProvider):
         if job["cancelled"] or self.done(job):
             return JSONResponse({"status": "ALREADY_COMPLETED"}, 400)
         job["cancelled"] = True
+        self.job_taken(request.path_params["request_id"])
         with self._lock:
             self.cancelled += 1
         return JSONResponse({"status": "CANCELLATION_REQUESTED"}, 202)

@@ -10,8 +10,10 @@ see it.
 A prediction is `starting` for the first half of `latency`, `processing` for the second,
 then `succeeded` (or `failed`: prompts `moderate` accepts fail with a "flagged as
 sensitive" error, prompts `fail` accepts with a plain one). A `Cancel-After` deadline that
-passes first makes it `aborted` (not started yet) or `canceled`. Webhooks carry the
-prediction, signed per Standard Webhooks with `webhook_secret`.
+passes first makes it `aborted` (not started yet) or `canceled`. `Prefer: wait[=N]` holds
+the create call until the prediction ends; if N seconds pass first, the prediction is
+answered `starting`, as Replicate's blocking API answers it (the SDK's `run` counts on it).
+Webhooks carry the prediction, signed per Standard Webhooks with `webhook_secret`.
 
     with ReplicateFake(latency=0.5) as replicate:
         client = replicate_sdk.Client(api_token=replicate.api_key, base_url=replicate.url)
@@ -161,9 +163,12 @@ class ReplicateFake(FakeProvider):
         if job["webhook"] and (events is None or "completed" in events):
             self._background(self._send_webhook_when_done(prediction_id))
         wait = _wait(request.headers.get("prefer"))
+        status = None
         if wait:  # hold the answer until the prediction is done, or `wait` runs out
-            await asyncio.sleep(min(wait, self.latency))
-        return JSONResponse(self._prediction(job), 201)
+            await asyncio.sleep(min(wait, self._remaining(job)))
+            if self._status(job) not in TERMINAL:
+                status = "starting"
+        return JSONResponse(self._prediction(job, status), 201)
 
     async def _get(self, request: Request) -> Response:
         fault = await self.inject("status")
@@ -221,8 +226,16 @@ class ReplicateFake(FakeProvider):
         prompt = str(job["input"].get("prompt"))
         return "failed" if self.moderate(prompt) or self.fail(prompt) else "succeeded"
 
-    def _prediction(self, job: dict[str, Any]) -> dict[str, Any]:
-        status = self._status(job)
+    def _remaining(self, job: Mapping[str, Any]) -> float:
+        """Seconds until the prediction ends by itself (a little over: never early)."""
+        ends = self.latency
+        if job["cancel_after"] is not None:
+            ends = min(ends, float(job["cancel_after"]))
+        return max(0.0, float(job["submitted"]) + ends - time.monotonic()) + 0.01
+
+    def _prediction(self, job: dict[str, Any], status: str | None = None) -> dict[str, Any]:
+        """The prediction as the API answers it (in `status`, if given)."""
+        status = status or self._status(job)
         seed = job["input"].get("seed")
         if not isinstance(seed, int):
             seed = job.setdefault("seed", secrets.randbelow(2**31))

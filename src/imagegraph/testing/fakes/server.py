@@ -13,7 +13,13 @@ benchmarks point the adapters (or the provider's official SDK) at `fake.url`.
 Faults are queued per endpoint ("submit", "status", "result", "download", "cancel", or
 "*") and each is used `times` times: an HTTP error with a body and headers, a slow answer
 (`delay`), no answer at all until the client gives up (`hang`), or a malformed body.
-Moderation and expired result URLs are switches of their own (`moderate`, `expire_after`).
+`faults.add_random` answers a share of an endpoint's requests with faults instead, drawn
+from a seeded generator. Moderation and expired result URLs are switches of their own
+(`moderate`, `expire_after`).
+
+Every accepted job's id is kept in `accepted_ids`, with when it was accepted and when the
+client took its outcome (`job_taken`); `peak_in_flight()` is the most jobs the fake had in
+flight at once, as a provider's concurrency limit counts them.
 """
 
 from __future__ import annotations
@@ -21,14 +27,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import math
+import random
 import secrets
 import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import uvicorn
 from starlette.applications import Starlette
@@ -54,31 +62,82 @@ class Fault:
     times: int = 1
 
 
+@dataclass
+class _RandomFaults:
+    probability: float
+    faults: tuple[Fault, ...]
+    rng: random.Random
+
+
 class FaultPlan:
-    """Faults waiting for the next requests to each endpoint (thread-safe)."""
+    """Faults waiting for the next requests to each endpoint (thread-safe).
+
+    >>> plan = FaultPlan()
+    >>> plan.add_random("submit", 0.5, [Fault(status=429), Fault(status=503)], seed=1)
+    >>> taken = [plan.take("submit") for _ in range(1000)]
+    >>> 400 < sum(f is not None for f in taken) < 600, plan.take("status") is None
+    (True, True)
+    >>> sorted(plan.injected) == [("submit", 429), ("submit", 503)]
+    True
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._queued: dict[str, list[Fault]] = {}
+        self._random: dict[str, list[_RandomFaults]] = {}
+        # (endpoint, status) of every fault handed out, queued or random (None: no status).
+        self.injected: Counter[tuple[str, int | None]] = Counter()
 
     def add(self, endpoint: str, fault: Fault) -> None:
         with self._lock:
             self._queued.setdefault(endpoint, []).append(fault)
 
+    def add_random(
+        self,
+        endpoint: str,
+        probability: float,
+        faults: Fault | Sequence[Fault],
+        *,
+        seed: int | None = None,
+    ) -> None:
+        """From now until `clear()`, answer each request to `endpoint` (or "*": every
+        endpoint) with probability `probability` by one of `faults`, picked at random
+        (their `times` is ignored). Queued faults come first. With a `seed`, the same
+        sequence of requests gets the same faults."""
+        if not 0.0 <= probability <= 1.0:
+            raise ValueError(f"probability {probability} is not between 0 and 1")
+        choices = (faults,) if isinstance(faults, Fault) else tuple(faults)
+        if not choices:
+            raise ValueError("add_random needs at least one fault")
+        rule = _RandomFaults(probability, choices, random.Random(seed))
+        with self._lock:
+            self._random.setdefault(endpoint, []).append(rule)
+
     def clear(self) -> None:
         with self._lock:
             self._queued.clear()
+            self._random.clear()
 
     def take(self, endpoint: str) -> Fault | None:
         with self._lock:
-            for key in (endpoint, "*"):
-                queue = self._queued.get(key)
-                if queue:
-                    fault = queue[0]
-                    fault.times -= 1
-                    if fault.times <= 0:
-                        queue.pop(0)
-                    return fault
+            fault = self._take(endpoint)
+            if fault is not None:
+                self.injected[(endpoint, fault.status)] += 1
+            return fault
+
+    def _take(self, endpoint: str) -> Fault | None:
+        for key in (endpoint, "*"):
+            queue = self._queued.get(key)
+            if queue:
+                fault = queue[0]
+                fault.times -= 1
+                if fault.times <= 0:
+                    queue.pop(0)
+                return fault
+        for key in (endpoint, "*"):
+            for rule in self._random.get(key, ()):
+                if rule.rng.random() < rule.probability:
+                    return rule.rng.choice(rule.faults)
         return None
 
 
@@ -110,13 +169,19 @@ class FakeProvider:
         self.api_key = api_key
         self.faults = FaultPlan()
         self.requests: Counter[str] = Counter()  # requests per endpoint
+        self.arrivals: dict[str, list[float]] = {}  # time.monotonic() of each, per endpoint
         self.accepted = 0  # jobs accepted: what the provider would charge for
+        self.accepted_ids: list[str] = []  # their ids, when the fake says (count_accepted)
+        # time.monotonic() each of those was accepted, and its outcome taken (job_taken).
+        self.accepted_at: dict[str, float] = {}
+        self.taken_at: dict[str, float] = {}
         self.cancelled = 0
         self.files: dict[str, StoredFile] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._port = port
         self._server: uvicorn.Server | None = None
+        self.stopping = False  # set by stop(): held requests and streams let go
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -125,7 +190,7 @@ class FakeProvider:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._port}"
 
-    def start(self) -> FakeProvider:
+    def start(self) -> Self:
         if not self._port:
             self._port = _free_port()
         app = Starlette(routes=[*self.routes(), Route("/files/{token}", self._file)])
@@ -135,8 +200,9 @@ class FakeProvider:
             port=self._port,
             log_level="warning",
             lifespan="off",
-            timeout_graceful_shutdown=1,  # requests held by a `hang` fault are dropped
+            timeout_graceful_shutdown=1,
         )
+        self.stopping = False
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name=f"fake-{self.name}")
         self._thread.daemon = True
@@ -153,12 +219,13 @@ class FakeProvider:
         same port, as a provider back from an outage)."""
         if self._server is None:
             return
+        self.stopping = True
         self._server.should_exit = True
         assert self._thread is not None
         self._thread.join(timeout=10)
         self._server = None
 
-    def __enter__(self) -> FakeProvider:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -177,11 +244,15 @@ class FakeProvider:
         the response to send instead of the normal one (None: answer normally)."""
         with self._lock:
             self.requests[endpoint] += 1
+            self.arrivals.setdefault(endpoint, []).append(time.monotonic())
         fault = self.faults.take(endpoint)
         if fault is None:
             return None
         if fault.hang:
-            await asyncio.Event().wait()  # until the server stops
+            # No answer until the server stops (set from another thread), then a dropped one.
+            while not self.stopping:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            return Response(b"", 502)
         if fault.delay:
             await asyncio.sleep(fault.delay)
         if fault.malformed:
@@ -195,9 +266,36 @@ class FakeProvider:
     def new_id(self) -> str:
         return secrets.token_hex(12)
 
-    def count_accepted(self) -> None:
+    def count_accepted(self, job_id: str | None = None) -> None:
+        """One more paid job (its id, if given, is remembered with the time)."""
         with self._lock:
             self.accepted += 1
+            if job_id is not None:
+                self.accepted_ids.append(job_id)
+                self.accepted_at[job_id] = time.monotonic()
+
+    def job_taken(self, job_id: str) -> None:
+        """The client took the job's outcome (read its finished result, or cancelled it):
+        from the provider's side the job is over. The first time counts."""
+        with self._lock:
+            self.taken_at.setdefault(job_id, time.monotonic())
+
+    def peak_in_flight(self, since: float = -math.inf) -> int:
+        """The most jobs in flight at once among those accepted at or after `since`
+        (time.monotonic()): each from its acceptance until its outcome was taken, or, if
+        nobody took it, until it finished (`latency` later)."""
+        with self._lock:
+            events = []
+            for job_id, start in self.accepted_at.items():
+                if start < since:
+                    continue
+                end = self.taken_at.get(job_id, start + self.latency)
+                events += [(start, 1), (end, -1)]
+        peak = current = 0
+        for _, change in sorted(events):  # at a tie an end (-1) sorts before a start
+            current += change
+            peak = max(peak, current)
+        return peak
 
     def done(self, job: Mapping[str, Any]) -> bool:
         """Whether a job submitted at `job["submitted"]` has finished by now."""
