@@ -295,6 +295,38 @@ async def test_an_outage_opens_the_circuit_and_the_next_route_serves(
     assert replicate.accepted == 2
 
 
+async def test_after_an_outage_the_half_open_circuit_lets_the_node_through(
+    settings: Settings, fakes: dict[str, FakeProvider]
+) -> None:
+    fal = fakes["fal"]
+    fal.faults.add("submit", Fault(status=503, body={"detail": "down"}, times=1000))
+    async with serving(
+        settings,
+        fal,
+        breaker_failures=2,
+        breaker_open_seconds=2.0,
+        node_max_attempts=5,
+        retry_cap_seconds=5.0,  # waits for the circuit's Retry-After
+    ) as (_, client):
+        execution_id = await start(client, generating("generate:flux_dev", width=256, height=256))
+        async with asyncio.timeout(20):
+            while fal.requests["submit"] < 2:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)  # the circuit is open: no calls go out
+        assert fal.requests["submit"] == 2
+        fal.faults.clear()  # the provider is back
+        record = await finished(client, execution_id)
+
+    assert record["status"] == "COMPLETED", record["error"]
+    gen = gen_run(record)
+    # Two failures open the circuit; the third attempt finds it open and waits out its
+    # Retry-After; the fourth is the probe once it half-opens.
+    assert gen["attempts"] == 4
+    assert gen["provider"]["provider"] == "fal"
+    assert fal.requests["submit"] == 3  # one probe through the half-open circuit
+    assert fal.accepted == 1
+
+
 async def test_an_outage_with_no_other_route_fails_truthfully(
     settings: Settings, fakes: dict[str, FakeProvider]
 ) -> None:

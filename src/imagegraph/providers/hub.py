@@ -224,10 +224,10 @@ class ProviderHub:
             soonest = wait if soonest is None else min(soonest, wait)
         if soonest is None:
             raise NoRoute(self.unconfigured_message(model, routes), None)
-        return_label = ", ".join(label for label, _ in skipped)
+        failing = ", ".join(label for label, why in skipped if why == "circuit open")
         raise NoRoute(
-            f"every route of {model} is failing ({return_label}); the first may be tried "
-            f"again in {soonest:.0f} s",
+            f"every configured route of {model} is failing ({failing}); the first may be "
+            f"tried again in {max(soonest, 1.0):.0f} s",
             soonest,
         )
 
