@@ -34,6 +34,7 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/orchestration.py
+	$(BIN)/python benchmarks/providers.py --submit-concurrency 50
 
 # Re-pin constraints.txt from a fresh environment after changing pyproject.toml.
 lock:

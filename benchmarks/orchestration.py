@@ -471,6 +471,13 @@ async def create_workflow(client: aiohttp.ClientSession, document: Mapping[str, 
 async def execute_and_wait(client: aiohttp.ClientSession, workflow_id: str, prompt: str) -> Outcome:
     """POST execute, then long-poll until the execution ends."""
     started = time.perf_counter()
+    execution_id = await submit_execution(client, workflow_id, prompt)
+    status = await wait_for_end(client, execution_id)
+    return Outcome(execution_id, status, (time.perf_counter() - started) * 1000)
+
+
+async def submit_execution(client: aiohttp.ClientSession, workflow_id: str, prompt: str) -> str:
+    """POST execute with `prompt` as the workflow's input; the execution's id."""
     queued = await request(
         client,
         "POST",
@@ -478,7 +485,11 @@ async def execute_and_wait(client: aiohttp.ClientSession, workflow_id: str, prom
         201,
         {"inputs": {PROMPT_LABEL: prompt}},
     )
-    execution_id = str(queued["executionId"])
+    return str(queued["executionId"])
+
+
+async def wait_for_end(client: aiohttp.ClientSession, execution_id: str) -> str:
+    """Long-poll until the execution ends; its terminal status."""
     while True:
         polled = await request(
             client,
@@ -489,7 +500,7 @@ async def execute_and_wait(client: aiohttp.ClientSession, workflow_id: str, prom
         )
         status = str(polled["status"])
         if status in TERMINAL:
-            return Outcome(execution_id, status, (time.perf_counter() - started) * 1000)
+            return status
 
 
 def http_client(base_url: str, concurrency: int, api_key: str) -> aiohttp.ClientSession:

@@ -36,7 +36,13 @@ from standardwebhooks.webhooks import Webhook
 
 from imagegraph import __version__
 from imagegraph.errors import ImagegraphError, InvalidInput, Issue
-from imagegraph.netguard import Resolver, SafeFetcher, parse_retry_after, pinned_request
+from imagegraph.netguard import (
+    Resolver,
+    SafeFetcher,
+    parse_retry_after,
+    pinned_request,
+    tls_context,
+)
 from imagegraph.settings import Settings
 from imagegraph.store import webhooks as store
 from imagegraph.store.db import Database
@@ -198,6 +204,7 @@ class Webhooks:
         request = pinned_request(target, "POST", headers, body.encode())
         async with httpx.AsyncClient(
             timeout=self._timeout,
+            verify=tls_context(),
             transport=self._transport,
             follow_redirects=False,
             trust_env=False,

@@ -387,9 +387,11 @@ async def _serve(
         # An earlier attempt was cut off during a synchronous call: whether the provider
         # did (and charged) that work cannot be known. Said in the record.
         record["previousAttemptInDoubt"] = True
-    if ctx.attempt == 1:
-        hub.budget(route.provider).first_attempt()
     async with _slot(hub, route.provider):
+        if ctx.attempt == 1:
+            # Counted when the call goes out, so the budget grows with the real traffic
+            # (not with a queue of nodes waiting for a slot, which its cap would cut off).
+            hub.budget(route.provider).first_attempt()
         started = await _submit(ctx, hub, adapter, route, request, record)
         if isinstance(started, Result):
             hub.breaker(route).success()

@@ -57,6 +57,8 @@ JWKS_TTL = 3600.0  # seconds fetched webhook keys are used before fetching them 
 # A signature no cached key verifies makes us fetch the keys again (fal may have rotated
 # them), but not more often than this, so forged webhooks cannot make us hammer the URL.
 JWKS_MIN_REFETCH = 60.0
+# How long the rest of a status stream is read after COMPLETED (it ends right after).
+DRAIN_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -177,9 +179,11 @@ class FalAdapter(Adapter):
         http: httpx.AsyncClient,
         *,
         jwks_url: str = DEFAULT_JWKS_URL,
+        stream_http: httpx.AsyncClient | None = None,
     ) -> None:
         super().__init__(config, http)
         self.jwks_url = jwks_url
+        self.stream_http = stream_http or http  # status streams (see `watch`)
         self._keys: list[Ed25519PublicKey] = []
         self._keys_fetched = float("-inf")  # time.monotonic() of the last fetch
 
@@ -222,7 +226,8 @@ class FalAdapter(Adapter):
                     if response.is_error:
                         await response.aread()
                         raise self._error(response)
-                    async for line in response.aiter_lines():
+                    lines = response.aiter_lines()
+                    async for line in lines:
                         if not line.startswith("data:"):
                             continue
                         try:
@@ -233,6 +238,11 @@ class FalAdapter(Adapter):
                             raise self._malformed(response, "an event that is not an object")
                         status = event
                         if status.get("status") == "COMPLETED":
+                            # Let the stream end, so its connection goes back to the pool.
+                            with contextlib.suppress(TimeoutError, httpx.HTTPError):
+                                async with asyncio.timeout(DRAIN_SECONDS):
+                                    async for _ in lines:
+                                        pass
                             break
         except TimeoutError:
             pass
@@ -504,7 +514,7 @@ class FalAdapter(Adapter):
     async def _stream(self, method: str, url: str) -> AsyncIterator[httpx.Response]:
         """A streamed exchange, its failures as `ProviderError`s, like `_send`."""
         try:
-            async with self.http.stream(method, url, headers=self._auth(url)) as response:
+            async with self.stream_http.stream(method, url, headers=self._auth(url)) as response:
                 yield response
         except httpx.TimeoutException as exc:
             raise ProviderError(

@@ -158,12 +158,16 @@ class ProviderHub:
     def _make_adapter(
         self, cls: type[Adapter], config: ProviderConfig, http: httpx.AsyncClient
     ) -> Adapter:
-        # Settings only some adapters take (fal's key set, Replicate's webhook secret).
+        # Settings only some adapters take (fal's key set, Replicate's webhook secret), and
+        # a pool of its own for status streams: held open for a job's whole life, they
+        # would make every other request walk them in a shared pool.
+        accepted = inspect.signature(cls.__init__).parameters
         offered: dict[str, object] = {"jwks_url": self.settings.fal_jwks_url}
+        if "stream_http" in accepted:
+            offered["stream_http"] = self._client(f"{config.name}:streams")
         if self.settings.replicate_webhook_secret is not None:
             secret = self.settings.replicate_webhook_secret.get_secret_value()
             offered["webhook_secret"] = secret
-        accepted = inspect.signature(cls.__init__).parameters
         return cls(config, http, **{k: v for k, v in offered.items() if k in accepted})
 
     def _client(self, provider: str) -> httpx.AsyncClient:

@@ -156,13 +156,20 @@ class RetryBudget:
 class AdaptiveLimiter:
     """Admission to one provider: `async with limiter.slot(): ...` around a job's lifetime.
 
+    A 429 pauses every submission for its Retry-After and halves the limit, once per
+    pause: the other 429s of the same burst were sent before the provider could see the
+    first one. Each job that goes through adds one back, up to the configured limit.
+
     >>> async def demo():
-    ...     limiter = AdaptiveLimiter(limit=2)
+    ...     limiter = AdaptiveLimiter(limit=8)
     ...     async with limiter.slot():
     ...         limiter.throttled(retry_after=None)   # a 429: halve, pause
-    ...     return limiter.limit
+    ...         limiter.throttled(retry_after=None)   # the same burst: no second halving
+    ...     halved = limiter.limit
+    ...     limiter.succeeded()
+    ...     return halved, limiter.limit
     >>> asyncio.run(demo())
-    1
+    (4, 5)
     """
 
     def __init__(
@@ -181,6 +188,7 @@ class AdaptiveLimiter:
         self.paused_until = 0.0
         self._next_start = 0.0
         self._changed = asyncio.Condition()
+        self._halved_until = 0.0  # 429s before this belong to the burst already answered
         self.throttles = 0  # 429s seen
 
     @property
@@ -227,18 +235,22 @@ class AdaptiveLimiter:
     async def release(self) -> None:
         async with self._changed:
             self.in_flight -= 1
-            self._changed.notify_all()
+            # Wake as many waiters as there are free slots (the limit may have grown), not
+            # every one of them: hundreds of nodes can be waiting.
+            self._changed.notify(max(1, self.limit - self.in_flight))
 
     def throttled(self, retry_after: float | None) -> float:
         """The provider answered 429: pause submissions and halve the limit. Returns how
         long submissions pause."""
         self.throttles += 1
         pause = retry_after if retry_after is not None else 1.0
-        self.paused_until = max(self.paused_until, self._clock() + pause)
-        self._limit = max(1.0, self._limit / 2)
+        now = self._clock()
+        self.paused_until = max(self.paused_until, now + pause)
+        if now >= self._halved_until:
+            self._limit = max(1.0, self._limit / 2)
+            self._halved_until = now + max(pause, 1.0)
         return pause
 
     def succeeded(self) -> None:
-        """A job went through: grow the limit back towards its maximum."""
-        if self._limit < self.max_limit:
-            self._limit = min(float(self.max_limit), self._limit + 1.0 / self._limit)
+        """A job went through: grow the limit back by one, up to its maximum."""
+        self._limit = min(float(self.max_limit), self._limit + 1.0)

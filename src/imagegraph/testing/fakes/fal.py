@@ -205,8 +205,11 @@ class FalFake(FakeProvider):
                     yield f"data: {json.dumps(body)}\n\n"
                 if body["status"] == "COMPLETED" or self.stopping:
                     return
-                left = self.latency - (time.monotonic() - float(job["submitted"]))
-                await asyncio.sleep(min(max(left, 0.005), 0.05))
+                # Sleep until the status changes (in queue for the first half of the latency,
+                # then in progress), looking in now and then for a cancellation.
+                elapsed = time.monotonic() - float(job["submitted"])
+                change = self.latency / 2 if elapsed < self.latency / 2 else self.latency
+                await asyncio.sleep(min(max(change - elapsed, 0.001), 0.25))
 
         headers = {"x-fal-request-id": request.path_params["request_id"]}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
