@@ -152,8 +152,21 @@ async def refused(adapter: ReplicateAdapter, route: Route, request: Request) -> 
             Request(prompt="a red fox", width=1000, height=760, output_format="png"),
             {"prompt": "a red fox", "aspect_ratio": "4:3", "output_format": "png"},
         ),
+        (
+            Route(
+                "replicate",
+                "black-forest-labs/flux-dev",
+                options={
+                    "size": "aspect_ratio",
+                    "aspectRatios": RATIOS,
+                    "megapixels": ["1", "0.25"],
+                },
+            ),
+            Request(prompt="a red fox", width=512, height=512),
+            {"prompt": "a red fox", "aspect_ratio": "1:1", "megapixels": "0.25"},
+        ),
     ],
-    ids=["flux-dev", "flux-1.1-pro-custom", "flux-2-pro-nearest"],
+    ids=["flux-dev", "flux-1.1-pro-custom", "flux-2-pro-nearest", "flux-dev-small"],
 )
 async def test_start_sends_the_input_the_model_takes(
     adapter: ReplicateAdapter,

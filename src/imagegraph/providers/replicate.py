@@ -361,7 +361,17 @@ class ReplicateAdapter(Adapter):
 
 def _size(route: Route, request: Request) -> dict[str, Any]:
     """The route's `aspectRatios` entry nearest to width/height; `custom` with width and
-    height instead when the route lists `custom` and no ratio matches exactly."""
+    height instead when the route lists `custom` and no ratio matches exactly. A route that
+    lists `megapixels` (FLUX.1 [dev]: "1", "0.25") also gets the one nearest the area."""
+    size = _shape(route, request)
+    sizes = [str(value) for value in route.options.get("megapixels") or ()]
+    if sizes and "width" not in size and request.width and request.height:
+        area = request.width * request.height / 1_000_000
+        size["megapixels"] = min(sizes, key=lambda mp: abs(math.log(float(mp) / area)))
+    return size
+
+
+def _shape(route: Route, request: Request) -> dict[str, Any]:
     if request.width is None or request.height is None:
         raise _bad_request(f"{route.model} takes width and height together")
     width, height = request.width, request.height
