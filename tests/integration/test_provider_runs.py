@@ -47,12 +47,7 @@ def servers() -> Iterator[dict[str, FakeProvider]]:
 def fakes(servers: dict[str, FakeProvider]) -> dict[str, FakeProvider]:
     """The module's fakes, as new: no faults, no latency, counters at zero."""
     for fake in servers.values():
-        fake.faults.clear()
-        fake.latency = 0.0
-        fake.expire_after = None
-        fake.accepted = fake.cancelled = 0
-        fake.requests.clear()
-        fake.arrivals.clear()
+        fake.reset()
     return servers
 
 

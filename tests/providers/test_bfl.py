@@ -3,14 +3,12 @@ key goes."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import dataclasses
 import io
 import json
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -20,7 +18,6 @@ from PIL import Image as PILImage
 
 from imagegraph.errors import NodeError, TransientNodeError
 from imagegraph.providers.base import (
-    Adapter,
     Job,
     Pending,
     ProviderConfig,
@@ -35,6 +32,7 @@ from imagegraph.providers.hub import ProviderHub
 from imagegraph.settings import Settings
 from imagegraph.testing.fakes.bfl import BflFake
 from imagegraph.testing.fakes.server import Fault
+from tests.providers.jobs import finish, refused, started
 
 FLUX_PRO = Route("bfl", "flux-pro-1.1", options={"size": "width_height"})
 FLUX_DEV = Route("bfl", "flux-dev", options={"size": "width_height"})
@@ -64,49 +62,14 @@ def server() -> Iterator[BflFake]:
 @pytest.fixture
 def fake(server: BflFake) -> BflFake:
     """The module's fake, as new: no faults, no latency, counters at zero."""
-    server.faults.clear()
-    server.latency = 0.0
-    server.expire_after = None
+    server.reset()
     server.region = "us1"
-    server.accepted = server.cancelled = 0
-    server.requests.clear()
-    server.received.clear()
     return server
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=5) as client:
-        yield client
 
 
 @pytest.fixture
 def adapter(fake: BflFake, http: httpx.AsyncClient) -> BflAdapter:
     return BflAdapter(ProviderConfig("bfl", fake.api_key, fake.url), http)
-
-
-async def started(adapter: BflAdapter, route: Route, request: Request) -> Job:
-    job = await adapter.start(route, request)
-    assert isinstance(job, Job)
-    return job
-
-
-async def finish(adapter: Adapter, job: Job, timeout: float = 5.0) -> Result:
-    """Poll as the runner would, until a Result (or a ProviderError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        outcome = await adapter.poll(job)
-        if isinstance(outcome, Result):
-            return outcome
-        assert time.monotonic() < deadline, f"still {outcome.status}"
-        await asyncio.sleep(0.05)
-
-
-async def refused(adapter: BflAdapter, route: Route, request: Request) -> ProviderError:
-    job = await started(adapter, route, request)
-    with pytest.raises(ProviderError) as caught:
-        await finish(adapter, job)
-    return caught.value
 
 
 def polls(fake: BflFake) -> list[dict[str, Any]]:

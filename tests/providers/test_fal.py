@@ -8,7 +8,7 @@ import dataclasses
 import io
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -29,6 +29,7 @@ from imagegraph.providers.base import (
 from imagegraph.providers.fal import FalAdapter
 from imagegraph.testing.fakes.fal import FalFake
 from imagegraph.testing.fakes.server import Fault
+from tests.providers.jobs import finish, refused, started
 from tests.receiver import Receiver
 
 FLUX_DEV = Route("fal", "fal-ai/flux/dev", options={"size": "image_size"})
@@ -62,47 +63,13 @@ def server() -> Iterator[FalFake]:
 @pytest.fixture
 def fake(server: FalFake) -> FalFake:
     """The module's fake, as new: no faults, no latency, counters at zero."""
-    server.faults.clear()
-    server.latency = 0.0
-    server.expire_after = None
-    server.accepted = server.cancelled = 0
-    server.requests.clear()
+    server.reset()
     return server
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=5) as client:
-        yield client
 
 
 @pytest.fixture
 def adapter(fake: FalFake, http: httpx.AsyncClient) -> FalAdapter:
     return FalAdapter(ProviderConfig("fal", fake.api_key, fake.url), http, jwks_url=fake.jwks_url)
-
-
-async def started(adapter: FalAdapter, route: Route, request: Request) -> Job:
-    job = await adapter.start(route, request)
-    assert isinstance(job, Job)
-    return job
-
-
-async def finish(adapter: FalAdapter, job: Job, timeout: float = 5.0) -> Result:
-    """Poll as the runner would, until a Result (or a ProviderError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        outcome = await adapter.poll(job)
-        if isinstance(outcome, Result):
-            return outcome
-        assert time.monotonic() < deadline, f"still {outcome.status}"
-        await asyncio.sleep(0.05)
-
-
-async def refused(adapter: FalAdapter, route: Route, request: Request) -> ProviderError:
-    job = await started(adapter, route, request)
-    with pytest.raises(ProviderError) as caught:
-        await finish(adapter, job)
-    return caught.value
 
 
 # -- what is sent ------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -48,18 +48,9 @@ def server() -> Iterator[GeminiFake]:
 
 @pytest.fixture
 def fake(server: GeminiFake) -> GeminiFake:
-    server.faults.clear()
-    server.requests.clear()
-    server.received.clear()
-    server.accepted = 0
+    server.reset()
     server.block = "prompt"
     return server
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=10) as client:
-        yield client
 
 
 @pytest.fixture

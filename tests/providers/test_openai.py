@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -41,17 +41,8 @@ def server() -> Iterator[OpenAIFake]:
 
 @pytest.fixture
 def fake(server: OpenAIFake) -> OpenAIFake:
-    server.faults.clear()
-    server.requests.clear()
-    server.received.clear()
-    server.accepted = 0
+    server.reset()
     return server
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=10) as client:
-        yield client
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import dataclasses
 import io
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -22,13 +22,13 @@ from imagegraph.providers.base import (
     ProviderConfig,
     ProviderError,
     Request,
-    Result,
     Route,
     SourceImage,
 )
 from imagegraph.providers.replicate import ReplicateAdapter
 from imagegraph.testing.fakes.replicate import ReplicateFake, version_of
 from imagegraph.testing.fakes.server import Fault
+from tests.providers.jobs import finish, refused, started
 from tests.receiver import Receiver
 
 RATIOS = ["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"]
@@ -65,47 +65,13 @@ def server() -> Iterator[ReplicateFake]:
 @pytest.fixture
 def fake(server: ReplicateFake) -> ReplicateFake:
     """The module's fake, as new: no faults, no latency, counters at zero."""
-    server.faults.clear()
-    server.latency = 0.0
-    server.expire_after = None
-    server.accepted = server.cancelled = 0
-    server.requests.clear()
+    server.reset()
     return server
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=5) as client:
-        yield client
 
 
 @pytest.fixture
 def adapter(fake: ReplicateFake, http: httpx.AsyncClient) -> ReplicateAdapter:
     return ReplicateAdapter(ProviderConfig("replicate", fake.api_key, fake.url), http)
-
-
-async def started(adapter: ReplicateAdapter, route: Route, request: Request) -> Job:
-    job = await adapter.start(route, request)
-    assert isinstance(job, Job)
-    return job
-
-
-async def finish(adapter: ReplicateAdapter, job: Job, timeout: float = 5.0) -> Result:
-    """Poll as the runner would, until a Result (or a ProviderError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        outcome = await adapter.poll(job)
-        if isinstance(outcome, Result):
-            return outcome
-        assert time.monotonic() < deadline, f"still {outcome.status}"
-        await asyncio.sleep(0.05)
-
-
-async def refused(adapter: ReplicateAdapter, route: Route, request: Request) -> ProviderError:
-    job = await started(adapter, route, request)
-    with pytest.raises(ProviderError) as caught:
-        await finish(adapter, job)
-    return caught.value
 
 
 # -- what is sent ------------------------------------------------------------------------

@@ -56,10 +56,8 @@ def server() -> Iterator[ReplicateFake]:
 @pytest.fixture
 def fake(server: ReplicateFake) -> ReplicateFake:
     """The module's fake, as new: no faults, a short latency, counters at zero."""
-    server.faults.clear()
+    server.reset()
     server.latency = 0.2
-    server.accepted = server.cancelled = 0
-    server.requests.clear()
     return server
 
 

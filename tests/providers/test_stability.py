@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -53,19 +53,9 @@ def server() -> Iterator[StabilityFake]:
 
 @pytest.fixture
 def fake(server: StabilityFake) -> StabilityFake:
-    server.faults.clear()
-    server.requests.clear()
-    server.received.clear()
-    server.accepted = 0
-    server.latency = 0.0
+    server.reset()
     server.content_filtered = False
     return server
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=10) as client:
-        yield client
 
 
 @pytest.fixture

@@ -140,7 +140,6 @@ class BflFake(FakeProvider):
         self.flag = flag or (lambda prompt: "nsfw" in prompt.lower())
         self.fail = fail or (lambda prompt: "explode" in prompt.lower())
         self.region = region  # polling URLs are /{region}/v1/get_result
-        self.received: list[dict[str, Any]] = []
         self._delivery_key = secrets.token_bytes(16)
 
     def routes(self) -> list[BaseRoute]:

@@ -173,27 +173,17 @@ class FalFake(FakeProvider):
         )
 
     async def _status(self, request: Request) -> Response:
-        fault = await self.inject("status")
-        if fault is not None:
-            return fault
-        if not self._authorized(request):
-            return _unauthorized()
-        job = self._job(request)
-        if job is None:
-            return JSONResponse({"detail": "Request not found"}, 404)
+        job = await self._admitted(request, "status")
+        if isinstance(job, Response):
+            return job
         headers = {"x-fal-request-id": request.path_params["request_id"]}
         code, body = self._status_of(job, logs=request.query_params.get("logs") == "1")
         return JSONResponse(body, code, headers=headers)
 
     async def _status_stream(self, request: Request) -> Response:
-        fault = await self.inject("status")
-        if fault is not None:
-            return fault
-        if not self._authorized(request):
-            return _unauthorized()
-        job = self._job(request)
-        if job is None:
-            return JSONResponse({"detail": "Request not found"}, 404)
+        job = await self._admitted(request, "status")
+        if isinstance(job, Response):
+            return job
         logs = request.query_params.get("logs") == "1"
 
         async def events() -> AsyncIterator[str]:
@@ -241,14 +231,9 @@ class FalFake(FakeProvider):
         return 200, body
 
     async def _result(self, request: Request) -> Response:
-        fault = await self.inject("result")
-        if fault is not None:
-            return fault
-        if not self._authorized(request):
-            return _unauthorized()
-        job = self._job(request)
-        if job is None:
-            return JSONResponse({"detail": "Request not found"}, 404)
+        job = await self._admitted(request, "result")
+        if isinstance(job, Response):
+            return job
         if job["cancelled"]:
             return JSONResponse({"detail": "Request was cancelled"}, 400)
         if not self.done(job):
@@ -261,14 +246,11 @@ class FalFake(FakeProvider):
         return JSONResponse(body, status, headers=headers)
 
     async def _cancel(self, request: Request) -> Response:
-        fault = await self.inject("cancel")
-        if fault is not None:
-            return fault
-        if not self._authorized(request):
-            return _unauthorized()
-        job = self._job(request)
-        if job is None:
-            return JSONResponse({"status": "NOT_FOUND"}, 404)
+        job = await self._admitted(
+            request, "cancel", missing=JSONResponse({"status": "NOT_FOUND"}, 404)
+        )
+        if isinstance(job, Response):
+            return job
         if job["cancelled"] or self.done(job):
             return JSONResponse({"status": "ALREADY_COMPLETED"}, 400)
         job["cancelled"] = True
@@ -278,6 +260,21 @@ class FalFake(FakeProvider):
         return JSONResponse({"status": "CANCELLATION_REQUESTED"}, 202)
 
     # -- jobs ----------------------------------------------------------------------------
+
+    async def _admitted(
+        self, request: Request, endpoint: str, missing: Response | None = None
+    ) -> dict[str, Any] | Response:
+        """The job a request is about, or what to answer instead: a queued fault, 401 for
+        a wrong key, 404 (or `missing`) for an unknown job."""
+        fault = await self.inject(endpoint)
+        if fault is not None:
+            return fault
+        if not self._authorized(request):
+            return _unauthorized()
+        job = self._job(request)
+        if job is None:
+            return missing or JSONResponse({"detail": "Request not found"}, 404)
+        return job
 
     def _authorized(self, request: Request) -> bool:
         return self.authorized(request, "authorization", "Key ")

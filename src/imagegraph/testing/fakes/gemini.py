@@ -105,7 +105,6 @@ class GeminiFake(FakeProvider):
     def __init__(self, *, block: Literal["prompt", "image"] = "prompt", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.block = block  # how a moderated prompt is refused
-        self.received: list[dict[str, Any]] = []
 
     def routes(self) -> list[BaseRoute]:
         # google-genai 3.4.0 calls v1 by default; the v1beta path is the same method.

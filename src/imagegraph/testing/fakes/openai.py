@@ -98,7 +98,6 @@ class OpenAIFake(FakeProvider):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.received: list[dict[str, Any]] = []
 
     def routes(self) -> list[BaseRoute]:
         return [

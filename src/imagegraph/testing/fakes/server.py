@@ -176,6 +176,7 @@ class FakeProvider:
         self.accepted_at: dict[str, float] = {}
         self.taken_at: dict[str, float] = {}
         self.cancelled = 0
+        self.received: list[dict[str, Any]] = []  # requests as read, by fakes that keep them
         self.files: dict[str, StoredFile] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
@@ -224,6 +225,22 @@ class FakeProvider:
         assert self._thread is not None
         self._thread.join(timeout=10)
         self._server = None
+
+    def reset(self) -> Self:
+        """As new for the next test: no faults, no latency, no expiry, counters at zero
+        (jobs and hosted files are kept)."""
+        with self._lock:
+            self.faults.clear()
+            self.latency = 0.0
+            self.expire_after = None
+            self.requests.clear()
+            self.arrivals.clear()
+            self.accepted = self.cancelled = 0
+            self.accepted_ids.clear()
+            self.accepted_at.clear()
+            self.taken_at.clear()
+            self.received.clear()
+        return self
 
     def __enter__(self) -> Self:
         return self.start()

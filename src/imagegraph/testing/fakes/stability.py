@@ -90,7 +90,6 @@ class StabilityFake(FakeProvider):
         super().__init__(**kwargs)
         # Moderated prompts get a blurred 200 (CONTENT_FILTERED) instead of a 403.
         self.content_filtered = content_filtered
-        self.received: list[dict[str, Any]] = []
 
     def routes(self) -> list[BaseRoute]:
         return [

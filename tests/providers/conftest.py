@@ -1,0 +1,15 @@
+"""Fixtures every adapter test uses."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    """The client adapters send with, as the hub would give them one."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        yield client
