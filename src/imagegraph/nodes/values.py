@@ -31,6 +31,12 @@ class ImageValue:
     width: int
     height: int
     generation: Mapping[str, Any] = field(default_factory=dict)
+    # Measurements of quality nodes so far, by metric; carried forward like `generation`
+    # and stored on the output asset made from this image.
+    quality: Mapping[str, Any] = field(default_factory=dict)
+    # A quality gate's decision for this image (approved, rejected, pending-review), which
+    # becomes the review state of the output asset made from it.
+    review: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -41,6 +47,8 @@ class ImageValue:
             "width": self.width,
             "height": self.height,
             "generation": dict(self.generation),
+            **({"quality": dict(self.quality)} if self.quality else {}),
+            **({"review": self.review} if self.review else {}),
         }
 
     @classmethod
@@ -52,6 +60,8 @@ class ImageValue:
             width=int(data["width"]),
             height=int(data["height"]),
             generation=data.get("generation") or {},
+            quality=data.get("quality") or {},
+            review=data.get("review"),
         )
 
 

@@ -168,9 +168,13 @@ executions = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("started_at", UTCDateTime, nullable=True),
     Column("finished_at", UTCDateTime, nullable=True),
+    # The batch item this execution runs, if any (its end is counted on the batch).
+    Column("batch_id", String(40), nullable=True),
+    Column("batch_item_id", BigInteger, nullable=True),
     Index(None, "workspace_id", "id"),
     Index(None, "workflow_id", "id"),
     Index(None, "status", "id"),
+    Index(None, "batch_id"),
 )
 
 node_runs = Table(
@@ -200,6 +204,10 @@ node_runs = Table(
     Column("error", JSONType, nullable=True),
     Column("progress", Float, nullable=True),
     Column("provider_job", JSONType, nullable=True),
+    # A quality gate sent this run back to make its image again: how many times, and the
+    # params changed for the next attempt (new seed, more steps).
+    Column("regenerations", Integer, nullable=False, server_default=text("0")),
+    Column("adjust", JSONType, nullable=True),
     UniqueConstraint("execution_id", "node_id"),
     # What workers scan to claim work: only runnable rows, oldest first.
     Index(
@@ -238,6 +246,13 @@ assets = Table(
     # How the image was made: generation info, the operation that produced it, its parents.
     Column("meta", JSONType, nullable=False),
     Column("filename", String(255), nullable=True),
+    # Measurements of quality nodes, by metric ({"sharpness": 312.5, "phash": "c3a1..."}).
+    Column("quality", JSONType, nullable=True),
+    # pending-review, approved or rejected: set for outputs of batch items (by a quality
+    # gate, else pending-review), changed by a person.
+    Column("review_state", String(16), nullable=True),
+    Column("review_note", Text, nullable=True),
+    Column("reviewed_at", UTCDateTime, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Index(None, "execution_id"),
     Index(None, "sha256"),
@@ -374,4 +389,74 @@ webhook_attempts = Table(
     Column("duration_ms", Float, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Index(None, "delivery_id"),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("workspace_id", String(40), ForeignKey("workspaces.id"), nullable=False),
+    Column("workflow_id", String(40), ForeignKey("workflows.id"), nullable=False),
+    Column("workflow_version", Integer, nullable=False),
+    Column("name", String(200), nullable=False, server_default=""),
+    Column("mode", String(8), nullable=False),
+    Column("status", String(16), nullable=False),  # RUNNING, COMPLETED, CANCELLED
+    # What the batch was asked: concurrency, dedupe, seeds, runs, variants, negatives.
+    Column("options", JSONType, nullable=False),
+    Column("concurrency", Integer, nullable=False),
+    # Counters kept by the transactions that move items, so progress is one row to read.
+    Column("total", Integer, nullable=False),
+    Column("pending", Integer, nullable=False),
+    Column("running", Integer, nullable=False, server_default=text("0")),
+    Column("completed", Integer, nullable=False, server_default=text("0")),
+    Column("failed", Integer, nullable=False, server_default=text("0")),
+    Column("cancelled", Integer, nullable=False, server_default=text("0")),
+    # Items that share the result of an identical item instead of running.
+    Column("deduplicated", Integer, nullable=False, server_default=text("0")),
+    Column("credits", Float, nullable=False, server_default=text("0")),
+    Column("webhook_url", Text, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("started_at", UTCDateTime, nullable=True),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Index(None, "workspace_id", "id"),
+    Index(None, "status"),
+)
+
+batch_items = Table(
+    "batch_items",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("batch_id", String(40), ForeignKey("batches.id"), nullable=False),
+    # Position in the items given (0-based), the prompt variant and the run of that item.
+    Column("item_index", Integer, nullable=False),
+    Column("variant", String(64), nullable=False, server_default=""),
+    Column("run", Integer, nullable=False, server_default=text("0")),
+    Column("inputs", JSONType, nullable=False),
+    Column("seed", BigInteger, nullable=True),
+    # sha256 of what decides the result (inputs, seed, variant): equal keys run once.
+    Column("dedupe_key", String(64), nullable=False),
+    Column("duplicate_of", BigInteger, nullable=True),
+    # PENDING, RUNNING, COMPLETED, FAILED, CANCELLED
+    Column("status", String(16), nullable=False),
+    Column("execution_id", String(40), nullable=True),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("error", JSONType, nullable=True),
+    Column("credits", Float, nullable=False, server_default=text("0")),
+    Column("started_at", UTCDateTime, nullable=True),
+    Column("finished_at", UTCDateTime, nullable=True),
+    UniqueConstraint("batch_id", "item_index", "variant", "run"),
+    Index(None, "batch_id", "status", "id"),
+    Index(None, "batch_id", "duplicate_of"),
+)
+
+negative_prompts = Table(
+    "negative_prompts",
+    metadata,
+    Column("workspace_id", String(40), ForeignKey("workspaces.id"), primary_key=True),
+    Column("name", String(100), primary_key=True),
+    Column("text", Text, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
 )
