@@ -232,6 +232,10 @@ class AssetOut(ApiModel):
     parents: list[str] = Field(default_factory=list)
     operation: dict[str, Any] | None = None
     filename: str | None = None
+    # Measurements of quality nodes, by metric ({"sharpness": 312.5, "phash": "c3a1…"}).
+    quality: dict[str, Any] | None = None
+    # pending-review, approved or rejected.
+    review_state: str | None = None
     created_at: datetime
 
 
@@ -309,6 +313,8 @@ def asset_out(row: RowMapping | Mapping[str, Any], base_url: str) -> AssetOut:
         parents=meta.get("parents") or [],
         operation=meta.get("operation"),
         filename=row["filename"],
+        quality=row.get("quality"),
+        review_state=row.get("review_state"),
         created_at=row["created_at"],
     )
 

@@ -125,6 +125,7 @@ class RunContext:
         if isinstance(image, Image.Image):
             self._images.put(sha, image)
         gen = inherited_generation(generation, parents)
+        measured, review = inherited_quality(parents)
         asset_id = new_id("asset")
         self.new_assets.append(
             {
@@ -153,10 +154,14 @@ class RunContext:
                     },
                 },
                 "filename": None,
+                # Present even when empty: a node's new assets are inserted by one statement,
+                # compiled for the columns of the first row.
+                "quality": measured or None,
+                "review_state": review,
                 "created_at": datetime.now(UTC),
             }
         )
-        return ImageValue(asset_id, sha, fmt, width, height, gen)
+        return ImageValue(asset_id, sha, fmt, width, height, gen, quality=measured, review=review)
 
     async def run_cpu(
         self, fn: Callable[..., T], *args: Any, pixels: int | None = None, urgent: bool = True
@@ -200,6 +205,17 @@ class RunContext:
             created_at=datetime.now(UTC),
         )
         self._bus.publish_threadsafe([event])
+
+
+def inherited_quality(parents: Sequence[ImageValue]) -> tuple[dict[str, Any], str | None]:
+    """A new image's quality measurements (its parents', merged; the first parent's win) and
+    review state (that of the first parent with one)."""
+    measured: dict[str, Any] = {}
+    for parent in reversed(parents):
+        if parent.quality:
+            measured.update(parent.quality)
+    review = next((p.review for p in parents if p.review), None)
+    return measured, review
 
 
 def asset_value(row: Mapping[str, Any] | RowMapping) -> ImageValue:

@@ -24,6 +24,7 @@ from imagegraph.nodes.inputs import InputImage, InputNumber, InputText
 from imagegraph.nodes.local import LocalGenerate
 from imagegraph.nodes.output import OutputImage
 from imagegraph.nodes.prompt import PromptTemplateNode
+from imagegraph.nodes.quality import QualityCheck, QualityDedupe, QualitySimilarity
 from imagegraph.nodes.sandbox import SandboxGenerate
 from imagegraph.nodes.values import ImageValue
 
@@ -43,6 +44,9 @@ def builtin_registry() -> NodeRegistry:
             UpscaleLanczos(),
             ConvertFormat(),
             Grid(),
+            QualityCheck(),
+            QualitySimilarity(),
+            QualityDedupe(),
             Branch(),
             Collect(),
             OutputImage(),
