@@ -154,6 +154,14 @@ class NodeRunOut(ApiModel):
     provider: ProviderRunOut | None = Field(
         default=None, description="For hosted models: the route that served the node."
     )
+    regenerations: int = Field(
+        default=0, description="How many times a quality gate sent this run back to run again."
+    )
+    adjust: dict[str, Any] | None = Field(
+        default=None,
+        description="Params a quality gate changed for this run's latest generation "
+        '(`{"seed": 43, "steps": 28}`).',
+    )
 
 
 class Totals(ApiModel):

@@ -132,6 +132,9 @@ class NodeRun(Model):
     progress: float | None = None
     outputs: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    # How many times a quality gate sent the run back, and the params it changed.
+    regenerations: int = 0
+    adjust: dict[str, Any] | None = None
 
 
 class Totals(Model):

@@ -18,7 +18,7 @@ from imagegraph.errors import NodeError
 from imagegraph.ids import new_id
 from imagegraph.netguard import SafeFetcher
 from imagegraph.nodes import imaging
-from imagegraph.nodes.base import AssetKind
+from imagegraph.nodes.base import AssetKind, RegenerationTarget
 from imagegraph.nodes.values import ImageValue, inherited_generation
 from imagegraph.providers.hub import ProviderHub
 from imagegraph.store import assets as asset_store
@@ -54,6 +54,7 @@ class RunContext:
         fetcher: SafeFetcher,
         bus: EventBus,
         max_pixels: int,
+        regeneration_target: RegenerationTarget | None = None,
     ) -> None:
         self._providers = providers
         self._provider_job = provider_job
@@ -73,6 +74,7 @@ class RunContext:
         self._bus = bus
         self._loop = asyncio.get_running_loop()
         self.max_pixels = max_pixels
+        self.regeneration_target = regeneration_target
         self.new_assets: list[dict[str, Any]] = []
 
     @property

@@ -62,6 +62,19 @@ def load_execution(db: Database, execution_id: str) -> tuple[Mapping[str, Any], 
     return row.graph, row.workspace_id, row.mode
 
 
+def regeneration_state(
+    db: Database, execution_id: str, node_id: str
+) -> tuple[int, Mapping[str, Any] | None]:
+    """How many times a quality gate sent a node run back, and the params it changed."""
+    with db.read() as conn:
+        row = conn.execute(
+            select(node_runs.c.regenerations, node_runs.c.adjust).where(
+                node_runs.c.execution_id == execution_id, node_runs.c.node_id == node_id
+            )
+        ).one()
+    return row.regenerations, row.adjust
+
+
 def load_outputs(
     db: Database, execution_id: str, node_ids: Sequence[str]
 ) -> dict[str, Mapping[str, Any] | None]:

@@ -31,7 +31,17 @@ R = node_runs.c
 E = executions.c
 W = workspaces.c
 
-CLAIMED_COLUMNS = (R.id, R.execution_id, R.node_id, R.node_type, R.attempt, R.provider_job, R.price)
+CLAIMED_COLUMNS = (
+    R.id,
+    R.execution_id,
+    R.node_id,
+    R.node_type,
+    R.attempt,
+    R.provider_job,
+    R.price,
+    R.regenerations,
+    R.adjust,
+)
 # What the end of an execution needs to announce it.
 ENDED_COLUMNS = (
     E.id,
@@ -114,7 +124,8 @@ FINISH_RUN = Prepared(
     .values(
         state=bindparam("b_state"),
         outputs=bindparam("b_outputs"),
-        credits=bindparam("b_credits"),
+        # Added up: a run a quality gate sent back is charged for each generation.
+        credits=R.credits + bindparam("b_credits"),
         model=bindparam("b_model"),
         cached=bindparam("b_cached"),
         error=bindparam("b_error"),
@@ -240,6 +251,56 @@ EVENTS_AFTER = Prepared(
     )
     .order_by(execution_events.c.id)
     .limit(bindparam("b_limit"))
+)
+# A quality gate sends a generation back (transitions.regenerate): the runs from the
+# generation to the gate, locked (PostgreSQL) until they are reset.
+REGENERATION_RUNS = (
+    select(
+        R.id,
+        R.node_id,
+        R.state,
+        R.attempt,
+        R.lease_owner,
+        R.regenerations,
+        R.adjust,
+        R.price,
+    )
+    .where(
+        R.execution_id == bindparam("b_execution"),
+        R.node_id.in_(bindparam("b_nodes", expanding=True)),
+    )
+    .order_by(R.id)
+    .with_for_update()
+)
+RESET_RUN = (
+    update(node_runs)
+    .where(R.id == bindparam("b_id"), R.state == bindparam("b_was"))
+    .values(
+        state=bindparam("b_state"),
+        next_attempt_at=bindparam("b_next"),
+        regenerations=R.regenerations + 1,
+        adjust=bindparam("b_adjust"),
+        error=None,
+        provider_job=None,
+        progress=None,
+        cached=False,
+        started_at=None,
+        finished_at=None,
+        duration_ms=None,
+        lease_owner=None,
+        lease_expires_at=None,
+    )
+)
+CLEAR_OUTPUTS = (
+    update(node_runs).where(R.id.in_(bindparam("b_ids", expanding=True))).values(outputs=None)
+)
+REOPEN_EXECUTION = (
+    update(executions)
+    .where(E.id == bindparam("b_id"))
+    .values(
+        remaining=E.remaining + bindparam("b_runs"),
+        credits_held=E.credits_held + bindparam("b_held"),
+    )
 )
 LOOKUP_CACHE = Prepared(select(node_cache.c.outputs).where(node_cache.c.key == bindparam("b_key")))
 

@@ -12,6 +12,9 @@ Rules it enforces:
   something upstream failed; and it may claim the runnable ones for the same worker, so a
   chain costs one transaction per node and the work per node depends only on its neighbours;
 - an execution ends when its count of unsettled node runs reaches zero;
+- a quality gate that sends a generation back resets the runs from it to the gate in one
+  transaction: those that had settled count as unsettled again, and those that had been
+  charged are held for again, so both rules above still hold;
 - credits: creating an execution holds its price from the workspace's balance (or refuses,
   changing nothing); a node run that ends is charged what it actually cost and its hold is
   released; when the execution ends, whatever is still held is released;
@@ -54,6 +57,10 @@ class Claim:
     attempt: int
     provider_job: Mapping[str, Any] | None = None
     price: float = 0.0  # held for this run until it is charged
+    # How many times a quality gate sent this run back, and the params changed for this
+    # generation (a new seed, more steps).
+    regenerations: int = 0
+    adjust: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,8 @@ class Completion:
     queued: int = 0
     finished: ExecutionStatus | None = None
     claims: list[Claim] = field(default_factory=list)
+    # The runs a quality gate sent back to run again (see `regenerate`).
+    reset: tuple[str, ...] = ()
 
 
 class _Txn:
@@ -180,6 +189,8 @@ def _claim(row: Any) -> Claim:
         row.attempt,
         row.provider_job,
         row.price,
+        row.regenerations,
+        row.adjust,
     )
 
 
@@ -472,6 +483,151 @@ def _complete(
     )
     finished = _count_down(txn, claim.execution_id, 1 + settled, credits)
     return Completion(accepted=True, queued=queued, finished=finished, claims=txn.claims)
+
+
+@dataclass(frozen=True)
+class Regeneration:
+    """A quality gate's outcome: make `target` again with `adjust` merged over its params.
+
+    `seen` is how many times the target had been made again when the gate judged its image.
+    Should that have changed meanwhile (another gate sent it back), the gate's image is no
+    longer the latest generation's and `instead` is recorded as the gate's outcome.
+    `detail` (the attempt, what failed) goes into the `node.regenerating` event.
+    """
+
+    target: str
+    seen: int
+    adjust: Mapping[str, Any]
+    detail: Mapping[str, Any]
+    instead: Success
+    duration_ms: float
+
+
+def regenerate(
+    db: Database,
+    owner: str,
+    claim: Claim,
+    plan: Plan,
+    request: Regeneration,
+    now: datetime,
+    lease: Lease | None = None,
+) -> Completion:
+    """Send a generation back from the quality gate of `claim`, in one transaction.
+
+    Every run on a path from `request.target` to the gate is reset: the target becomes
+    runnable at once (claimed for `lease.owner` when it has room) with its regenerations
+    counted and `request.adjust` kept for its next run; the others, the gate included, wait
+    for their inputs again. Each counts one more regeneration, and loses its outputs unless
+    a node off the path takes them (a branch off the path is not run again: it keeps what
+    it was given, and a node still waiting there takes the new generation). Runs that had
+    settled count as unsettled again, so the execution cannot end before they settle anew;
+    paid runs that had been charged are held for again, and when the workspace cannot
+    cover that the gate fails instead (`insufficient_credits`).
+
+    Returns `accepted=False`, changing nothing, when the gate's lease is no longer ours.
+    """
+    with db.write() as conn:
+        txn = _Txn(conn, now, lease)
+        completion = _regenerate(txn, owner, claim, plan, request)
+        completion.events = txn.flush()
+        return completion
+
+
+def _regenerate(
+    txn: _Txn, owner: str, claim: Claim, plan: Plan, request: Regeneration
+) -> Completion:
+    conn = txn.conn
+    path = plan.between(request.target, claim.node_id)
+    rows = {
+        r.node_id: r
+        for r in conn.execute(
+            sql.REGENERATION_RUNS, {"b_execution": claim.execution_id, "b_nodes": list(path)}
+        ).all()
+    }
+    gate = rows.get(claim.node_id)
+    if (
+        gate is None
+        or gate.state != RunState.RUNNING.value
+        or gate.lease_owner != owner
+        or gate.attempt != claim.attempt
+    ):
+        return Completion(accepted=False)
+    target = rows.get(request.target)
+    if (
+        target is None
+        or target.state != RunState.SUCCEEDED.value
+        or target.regenerations != request.seen
+    ):
+        return _complete(txn, owner, claim, plan, request.instead)
+
+    # Runs that were charged are paid for again; the holds of the others are still there.
+    held = round(sum(r.price for r in rows.values() if r.state == RunState.SUCCEEDED.value), 6)
+    if held > 0:
+        workspace_id = conn.execute(
+            select(executions.c.workspace_id).where(executions.c.id == claim.execution_id)
+        ).scalar_one()
+        try:
+            _hold(conn, workspace_id, held)
+        except InsufficientCredits as exc:
+            message = (
+                f"making {request.target} again costs {held:g} credits and the workspace "
+                f"has {exc.available:g} available"
+            )
+            error = {
+                "code": "insufficient_credits",
+                "message": message,
+                "status": 402,
+                "requiredCredits": held,
+                "availableCredits": exc.available,
+                "target": request.target,
+                "attempt": claim.attempt,
+            }
+            return _complete(txn, owner, claim, plan, Failure(error, request.duration_ms))
+
+    adjust = {**(target.adjust or {}), **request.adjust}
+    on_path = set(path)
+    settled = 0
+    for node_id in path:
+        row = rows[node_id]
+        runnable = node_id == request.target
+        done = conn.execute(
+            sql.RESET_RUN,
+            {
+                "b_id": row.id,
+                "b_was": row.state,
+                "b_state": (RunState.QUEUED if runnable else RunState.PENDING).value,
+                "b_next": txn.now if runnable else None,
+                "b_adjust": adjust if runnable else row.adjust,
+            },
+        ).rowcount
+        if not done:  # the rows are locked (SQLite: this is the only writer)
+            raise RuntimeError(f"run {node_id} of {claim.execution_id} changed while locked")
+        if RunState(row.state) in TERMINAL_RUN:
+            settled += 1
+    # A node off the path may still read what a reset run gave it: those outputs stay
+    # until the next run replaces them.
+    cleared = [rows[n].id for n in path if all(s in on_path for s in plan.nodes[n].successors)]
+    if cleared:
+        conn.execute(sql.CLEAR_OUTPUTS, {"b_ids": cleared})
+    conn.execute(
+        sql.REOPEN_EXECUTION, {"b_id": claim.execution_id, "b_runs": settled, "b_held": held}
+    )
+    txn.event(
+        claim.execution_id,
+        "node.regenerating",
+        claim.node_id,
+        **{
+            **request.detail,
+            "nodeType": claim.node_type,
+            "target": request.target,
+            "regenerations": target.regenerations + 1,
+            "adjust": adjust,
+            "reset": list(path),
+            "creditsHeld": held,
+        },
+    )
+    txn.try_claim(claim.execution_id, request.target)
+    return Completion(accepted=True, queued=1, claims=txn.claims, reset=path)
 
 
 def _charge(txn: _Txn, claim: Claim, credits: float, model: str | None) -> None:

@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from PIL import Image
+from pydantic import ValidationError
 
 from imagegraph.blobs import BlobStore
 from imagegraph.engine import queries, transitions
@@ -34,13 +35,27 @@ from imagegraph.engine.cache import cache_key
 from imagegraph.engine.context import RunContext
 from imagegraph.engine.events import EventBus
 from imagegraph.engine.lru import LRU
-from imagegraph.engine.transitions import Claim, Completion, Failure, Finished, Lease, Success
+from imagegraph.engine.transitions import (
+    Claim,
+    Completion,
+    Failure,
+    Finished,
+    Lease,
+    Regeneration,
+    Success,
+)
 from imagegraph.errors import ImagegraphError, NodeError
 from imagegraph.graph.model import parse_workflow
 from imagegraph.graph.plan import Plan, PlanNode
 from imagegraph.graph.validate import validate_workflow
 from imagegraph.netguard import SafeFetcher
-from imagegraph.nodes.base import EXECUTION_CANCELLED, NodeRegistry
+from imagegraph.nodes.base import (
+    EXECUTION_CANCELLED,
+    NodeParams,
+    NodeRegistry,
+    Regenerate,
+    RegenerationTarget,
+)
 from imagegraph.nodes.values import decode_value, encode_value
 from imagegraph.providers.hub import ProviderHub
 from imagegraph.settings import Settings
@@ -76,7 +91,7 @@ class _Execution:
 
 @dataclass
 class _Attempt:
-    outcome: Success | Failure
+    outcome: Success | Failure | Regeneration
     values: Mapping[str, Any] | None = None  # the outputs as Python values, on success
 
 
@@ -314,6 +329,9 @@ class Worker:
                 return
             plan = execution.plan
             attempt = await self._attempt(claim, execution, plan.nodes[claim.node_id])
+            if isinstance(attempt.outcome, Regeneration):
+                await self._regenerate(claim, plan, attempt.outcome)
+                return
             lease = self.reserve(len(plan.nodes[claim.node_id].successors), finishing=1)
             try:
                 await self._record(Finished(claim, plan, attempt.outcome, lease), attempt.values)
@@ -417,13 +435,14 @@ class Worker:
 
     async def _attempt(self, claim: Claim, execution: _Execution, pnode: PlanNode) -> _Attempt:
         started = time.perf_counter()
-        node, params = pnode.node, pnode.params
+        node = pnode.node
         key: str | None = None
         try:
+            params, params_json = _adjusted(pnode, claim.adjust)
             inputs = await self._inputs(claim.execution_id, pnode)
             if node.is_cacheable(params, inputs):
                 key = cache_key(
-                    execution.workspace_id, node.type, node.version, pnode.params_json, inputs
+                    execution.workspace_id, node.type, node.version, params_json, inputs
                 )
                 hit = await self.db.run(queries.lookup_cache, self.db, key)
                 if hit is not None:
@@ -443,7 +462,7 @@ class Worker:
                 execution_id=claim.execution_id,
                 node_id=claim.node_id,
                 node_type=node.type,
-                params_json=pnode.params_json,
+                params_json=params_json,
                 attempt=claim.attempt,
                 db=self.db,
                 blobs=self.blobs,
@@ -453,14 +472,14 @@ class Worker:
                 fetcher=self.fetcher,
                 bus=self.bus,
                 max_pixels=self.settings.max_image_pixels,
+                regeneration_target=await self._regeneration_target(claim, execution.plan, pnode),
             )
-            async with asyncio.timeout(self.settings.node_timeout_seconds):
-                outputs = await node.run(ctx, params, inputs)
-            unknown = set(outputs) - set(pnode.output_types)
-            if unknown:
-                raise NodeError(
-                    f"node produced undeclared outputs {sorted(unknown)}", code="internal_error"
-                )
+            try:
+                async with asyncio.timeout(self.settings.node_timeout_seconds):
+                    outputs = await node.run(ctx, params, inputs)
+            except Regenerate as signal:
+                return _Attempt(_regeneration(ctx, pnode, signal, started))
+            _check_outputs(pnode, outputs)
             outcome = Success(
                 outputs={port: encode_value(value) for port, value in outputs.items()},
                 duration_ms=_ms(started),
@@ -487,6 +506,48 @@ class Worker:
             error = NodeError(f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
             return _Attempt(self._failure(claim, error, started, retryable=False))
 
+    async def _regeneration_target(
+        self, claim: Claim, plan: Plan, pnode: PlanNode
+    ) -> RegenerationTarget | None:
+        """For a node that may send a generation back (a quality gate): how that
+        generation's latest run went."""
+        target_id = pnode.node.regeneration_target(pnode, plan)
+        if target_id is None:
+            return None
+        regenerations, adjust = await self.db.run(
+            queries.regeneration_state, self.db, claim.execution_id, target_id
+        )
+        target = plan.nodes[target_id]
+        return RegenerationTarget(
+            node_id=target_id,
+            node_type=target.type,
+            regenerations=regenerations,
+            params={**target.params_json, **(adjust or {})},
+            params_model=target.node.params_model,
+        )
+
+    async def _regenerate(self, claim: Claim, plan: Plan, request: Regeneration) -> None:
+        """Send a generation back (one transaction), then start what it made runnable."""
+        lease = self.reserve(1, finishing=1)
+        try:
+            completion = await self.db.run(
+                transitions.regenerate,
+                self.db,
+                self.owner,
+                claim,
+                plan,
+                request,
+                utcnow(),
+                lease,
+            )
+        finally:
+            self.release(lease)
+        remembered = self._outputs.get(claim.execution_id)
+        if remembered is not None:
+            for node_id in completion.reset:
+                remembered.pop(node_id, None)  # read again: kept, or made anew
+        self._after(claim, completion, None)
+
     async def _save_provider_job(self, claim: Claim, job: Mapping[str, Any]) -> None:
         saved = await self.db.run(
             transitions.save_provider_job, self.db, self.owner, claim, job, utcnow()
@@ -504,9 +565,11 @@ class Worker:
         error.update({k: v for k, v in exc.extra.items() if _jsonable(v)})
         retry_at = None
         provider = exc.extra.get("provider")
+        # Each generation a quality gate asked for has attempts of its own.
+        max_attempts = self.settings.node_max_attempts * (1 + claim.regenerations)
         if (
             retryable
-            and claim.attempt < self.settings.node_max_attempts
+            and claim.attempt < max_attempts
             and isinstance(provider, str)
             and self.providers is not None
             and not self.providers.budget(provider).allow_retry()
@@ -515,7 +578,7 @@ class Worker:
             # fail now rather than add to the load.
             retryable = False
             error["retryBudgetExhausted"] = True
-        if retryable and claim.attempt < self.settings.node_max_attempts:
+        if retryable and claim.attempt < max_attempts:
             retry_after = exc.retry_after if isinstance(exc, NodeError) else None
             retry_at = utcnow() + timedelta(seconds=self._backoff(claim.attempt, retry_after))
         carried = None
@@ -568,6 +631,58 @@ class Worker:
             else:
                 inputs[port.name] = values[0]
         return inputs
+
+
+def _adjusted(
+    pnode: PlanNode, adjust: Mapping[str, Any] | None
+) -> tuple[NodeParams, Mapping[str, Any]]:
+    """The params a run uses: the node's, with what a quality gate changed merged over them
+    (so the cache key and the assets record what really ran)."""
+    if not adjust:
+        return pnode.params, pnode.params_json
+    params_json = {**pnode.params_json, **adjust}
+    try:
+        params = pnode.node.parse_params(params_json)
+    except ValidationError as exc:
+        raise NodeError(
+            f"params changed by a quality gate are invalid: {exc.errors()[0]['msg']}",
+            code="invalid_param",
+        ) from None
+    return params, params.model_dump(mode="json", by_alias=True)
+
+
+def _check_outputs(pnode: PlanNode, outputs: Mapping[str, Any]) -> None:
+    unknown = set(outputs) - set(pnode.output_types)
+    if unknown:
+        raise NodeError(
+            f"node produced undeclared outputs {sorted(unknown)}", code="internal_error"
+        )
+
+
+def _regeneration(
+    ctx: RunContext, pnode: PlanNode, signal: Regenerate, started: float
+) -> Regeneration:
+    target = ctx.regeneration_target
+    if target is None:
+        raise NodeError(
+            f"{pnode.type} asked to make a generation again but has none", code="internal_error"
+        )
+    _check_outputs(pnode, signal.outputs)
+    duration = _ms(started)
+    instead = Success(
+        outputs={port: encode_value(value) for port, value in signal.outputs.items()},
+        duration_ms=duration,
+        assets=ctx.new_assets,
+        model=pnode.node.model(pnode.params),
+    )
+    return Regeneration(
+        target=target.node_id,
+        seen=target.regenerations,
+        adjust=dict(signal.adjust),
+        detail=dict(signal.detail),
+        instead=instead,
+        duration_ms=duration,
+    )
 
 
 def _ms(started: float) -> float:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -55,3 +55,20 @@ class Plan:
 
     def price(self) -> float:
         return sum(n.node.price(n.params) for n in self.nodes.values())
+
+    def between(self, first: str, last: str) -> tuple[str, ...]:
+        """The nodes on some path from `first` to `last`, both included (none if `last` is
+        not downstream of `first`), in topological order."""
+        below = self._reach(first, lambda n: n.successors)
+        above = self._reach(last, lambda n: n.predecessors)
+        return tuple(n for n in self.order if n in below and n in above)
+
+    def _reach(self, start: str, step: Callable[[PlanNode], tuple[str, ...]]) -> set[str]:
+        seen = {start}
+        work = [start]
+        while work:
+            for nxt in step(self.nodes[work.pop()]):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    work.append(nxt)
+        return seen

@@ -55,7 +55,11 @@ def validate_workflow(doc: WorkflowDoc, registry: NodeRegistry, max_nodes: int =
     if checked.issues:
         raise WorkflowInvalid(checked.issues)
     assert order is not None
-    return _build_plan(checked, order, output_types)
+    plan = _build_plan(checked, order, output_types)
+    _check_plan(plan, checked)
+    if checked.issues:
+        raise WorkflowInvalid(checked.issues)
+    return plan
 
 
 def _check_nodes(doc: WorkflowDoc, registry: NodeRegistry, checked: _Checked) -> None:
@@ -401,6 +405,22 @@ def _check_required_inputs(doc: WorkflowDoc, checked: _Checked) -> None:
                         port=port.name,
                     )
                 )
+
+
+def _check_plan(plan: Plan, checked: _Checked) -> None:
+    """What each node finds wrong with the rest of the workflow (a quality gate's target
+    that is not upstream of it, say); only asked of workflows sound in every other way."""
+    for node_id, pnode in plan.nodes.items():
+        for issue in pnode.node.check_plan(pnode, plan):
+            checked.issues.append(
+                Issue(
+                    issue.code,
+                    f"node {node_id} ({pnode.type}): {issue.message}",
+                    node_id=node_id,
+                    field=issue.field,
+                    port=issue.port,
+                )
+            )
 
 
 def _build_plan(

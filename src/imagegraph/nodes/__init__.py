@@ -19,6 +19,7 @@ from imagegraph.nodes.base import (
 )
 from imagegraph.nodes.catalog import CatalogNode
 from imagegraph.nodes.control import Branch, Collect
+from imagegraph.nodes.gate import QualityGate
 from imagegraph.nodes.image_ops import ConvertFormat, Crop, Grid, Resize, UpscaleLanczos
 from imagegraph.nodes.inputs import InputImage, InputNumber, InputText
 from imagegraph.nodes.local import LocalGenerate
@@ -47,6 +48,7 @@ def builtin_registry() -> NodeRegistry:
             QualityCheck(),
             QualitySimilarity(),
             QualityDedupe(),
+            QualityGate(),
             Branch(),
             Collect(),
             OutputImage(),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import builtins
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
 from PIL import Image
@@ -33,6 +34,7 @@ from imagegraph.nodes.values import ImageValue
 from imagegraph.providers.base import Route
 
 if TYPE_CHECKING:
+    from imagegraph.graph.plan import Plan, PlanNode
     from imagegraph.providers.hub import ProviderHub
 
 T = TypeVar("T")
@@ -57,6 +59,39 @@ P = TypeVar("P", bound=NodeParams)
 Inputs = Mapping[str, Any]
 Outputs = dict[str, Any]
 AssetKind = Literal["intermediate", "output", "upload"]
+
+
+@dataclass(frozen=True)
+class RegenerationTarget:
+    """The generation a node may send back to be made again (a quality gate's; see
+    `Node.regeneration_target`), as its latest run went: that run was generation
+    `regenerations + 1`, with `params` (JSON, camelCase, earlier adjustments applied)."""
+
+    node_id: str
+    node_type: str
+    regenerations: int
+    params: Mapping[str, Any]
+    params_model: builtins.type[NodeParams]
+
+
+class Regenerate(Exception):
+    """Raised by `Node.run` to send `ctx.regeneration_target` back to be made again with
+    `adjust` merged over its params; every node run from there to this one runs again.
+
+    `outputs` are what the node passes on instead if the engine cannot send the generation
+    back (another gate did so meanwhile, or it was already made again); `detail` (JSON) goes
+    into the `node.regenerating` event.
+
+        raise Regenerate({"seed": 43}, outputs=on_review, detail={"failures": [...]})
+    """
+
+    def __init__(
+        self, adjust: Mapping[str, Any], *, outputs: Outputs, detail: Mapping[str, Any]
+    ) -> None:
+        super().__init__(f"regenerate with {dict(adjust)}")
+        self.adjust = adjust
+        self.outputs = outputs
+        self.detail = detail
 
 
 class NodeContext(Protocol):
@@ -140,6 +175,12 @@ class NodeContext(Protocol):
         """Record, durably and at once, the provider job this run waits for (JSON)."""
         ...
 
+    @property
+    def regeneration_target(self) -> RegenerationTarget | None:
+        """For a node that may send a generation back (`Node.regeneration_target`): that
+        generation's latest run; None for other nodes."""
+        ...
+
 
 SANDBOX_TYPE = "generate:sandbox"
 
@@ -183,6 +224,17 @@ class Node(ABC, Generic[P]):
     def check(self, params: P) -> list[Issue]:
         """Problems with params that their schema cannot express; located by the caller."""
         return []
+
+    def check_plan(self, node: PlanNode, plan: Plan) -> list[Issue]:
+        """Problems that depend on the rest of the workflow (what is upstream, what is
+        connected); checked once the workflow is otherwise valid. Located by the caller."""
+        return []
+
+    def regeneration_target(self, node: PlanNode, plan: Plan) -> str | None:
+        """The node whose run this one may send back to be made again by raising
+        `Regenerate` (a quality gate's generation), or None. The engine tells each run of
+        this node how that run went (`NodeContext.regeneration_target`)."""
+        return None
 
     def asset_refs(self, params: P) -> dict[str, str]:
         """Asset ids the params point at, by param path (`params.image`); each is checked to

@@ -11,7 +11,7 @@ from PIL import Image
 
 from imagegraph.errors import NodeError
 from imagegraph.nodes import imaging
-from imagegraph.nodes.base import AssetKind, NodeContext
+from imagegraph.nodes.base import AssetKind, NodeContext, RegenerationTarget
 from imagegraph.nodes.values import ImageValue, inherited_generation
 from imagegraph.providers.hub import ProviderHub
 
@@ -63,6 +63,8 @@ class MemoryContext:
     hub: ProviderHub | None = None
     saved_jobs: list[Mapping[str, Any]] = field(default_factory=list)
     resumed_job: Mapping[str, Any] | None = None
+    # For a quality gate: the generation it may send back, as the engine would describe it.
+    regeneration_target: RegenerationTarget | None = None
 
     def as_context(self) -> NodeContext:
         """This object, typed as the protocol it implements (a static check of that)."""

@@ -160,6 +160,8 @@ def execution_out(
             outputs=_with_urls(r["outputs"], base_url),
             error=r["error"],
             provider=_provider_run(r["provider_job"]),
+            regenerations=r["regenerations"],
+            adjust=r["adjust"],
         )
         for r in runs
     ]
