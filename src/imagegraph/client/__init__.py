@@ -38,8 +38,15 @@ from imagegraph.client.errors import (
     WaitTimeout,
 )
 from imagegraph.client.models import (
+    BATCH_TERMINAL_STATUSES,
     TERMINAL_STATUSES,
     Asset,
+    Batch,
+    BatchCounts,
+    BatchCreated,
+    BatchItem,
+    BatchOutput,
+    BatchRetry,
     CreatedKey,
     Credits,
     Delivery,
@@ -68,10 +75,17 @@ from imagegraph.client.models import (
 )
 
 __all__ = [
+    "BATCH_TERMINAL_STATUSES",
     "TERMINAL_STATUSES",
     "Asset",
     "AsyncClient",
     "BadRequest",
+    "Batch",
+    "BatchCounts",
+    "BatchCreated",
+    "BatchItem",
+    "BatchOutput",
+    "BatchRetry",
     "Client",
     "Conflict",
     "CreatedKey",

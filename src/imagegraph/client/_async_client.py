@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import date
@@ -14,7 +15,14 @@ from typing import Any, Literal, TypeVar
 import httpx
 
 from imagegraph.client import _calls
-from imagegraph.client._calls import AssetRef, Call, UploadSource, WorkflowSource
+from imagegraph.client._calls import (
+    AssetRef,
+    Call,
+    ItemsFile,
+    ReviewState,
+    UploadSource,
+    WorkflowSource,
+)
 from imagegraph.client._config import DEFAULT_BASE_URL, api_base_url, client_headers
 from imagegraph.client._config import default_api_key as _default_api_key
 from imagegraph.client._retry import RetryPolicy, next_wait_delay
@@ -22,6 +30,10 @@ from imagegraph.client._sse import SSEDecoder
 from imagegraph.client.errors import TransportError, WaitTimeout, error_from_response
 from imagegraph.client.models import (
     Asset,
+    Batch,
+    BatchCreated,
+    BatchItem,
+    BatchRetry,
     CreatedKey,
     Delivery,
     Event,
@@ -406,3 +418,99 @@ class AsyncClient:
     async def replay_delivery(self, delivery_id: str) -> Delivery:
         """Send a delivered or failed delivery again, with the same `webhook-id`."""
         return await self._call(_calls.replay_delivery(delivery_id))
+
+    # -- batches -----------------------------------------------------------------------------
+
+    async def create_batch(
+        self,
+        workflow_id: str,
+        items: Sequence[Mapping[str, Any]] | None = None,
+        file: ItemsFile | None = None,
+        *,
+        idempotency_key: str | None = None,
+        **options: Any,
+    ) -> BatchCreated:
+        """Start a batch: `items` inline or a .csv/.jsonl/.json `file` (see
+        `Client.create_batch` for the options)."""
+        call = await asyncio.to_thread(
+            _calls.create_batch, workflow_id, items, file, options, idempotency_key
+        )
+        return await self._call(call)
+
+    async def get_batch(self, batch_id: str) -> Batch:
+        """Progress: counts by status, credits, images per minute and ETA."""
+        return await self._call(_calls.get_batch(batch_id))
+
+    async def list_batch_items(
+        self,
+        batch_id: str,
+        status: str | None = None,
+        *,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Page[BatchItem]:
+        """One page of a batch's items in order, optionally only those in `status`."""
+        return await self._call(_calls.list_batch_items(batch_id, status, limit, cursor))
+
+    async def batch_items(
+        self, batch_id: str, status: str | None = None, *, page_size: int = 200
+    ) -> AsyncIterator[BatchItem]:
+        """Every item of a batch (in `status`), in order, fetching pages as needed."""
+        cursor: str | None = None
+        while True:
+            page = await self.list_batch_items(batch_id, status, limit=page_size, cursor=cursor)
+            for item in page.items:
+                yield item
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def cancel_batch(self, batch_id: str) -> Batch:
+        """Cancel pending items and stop running ones; `Conflict` if the batch has ended."""
+        return await self._call(_calls.cancel_batch(batch_id))
+
+    async def retry_failed(
+        self, batch_id: str, item_ids: Sequence[int] | None = None
+    ) -> BatchRetry:
+        """Run the failed items again (all, or those named); an ended batch runs again."""
+        return await self._call(_calls.retry_failed(batch_id, item_ids))
+
+    async def review_batch(
+        self,
+        batch_id: str,
+        state: ReviewState,
+        *,
+        item_ids: Sequence[int] | None = None,
+        asset_ids: Sequence[str] | None = None,
+        current_state: ReviewState | None = None,
+        note: str | None = None,
+    ) -> int:
+        """Set the review state of the batch's outputs; returns how many changed."""
+        call = _calls.review_batch(batch_id, state, item_ids, asset_ids, current_state, note)
+        return await self._call(call)
+
+    async def batch_manifest(self, batch_id: str) -> dict[str, Any]:
+        """The manifest: each item's inputs, output files and how each was made."""
+        return await self._call(_calls.batch_manifest(batch_id))
+
+    async def download_batch_zip(self, batch_id: str, path: str | os.PathLike[str]) -> Path:
+        """Write the batch's files and manifest, as one zip in the export layout, to
+        `path` (streamed; the file appears complete or not at all)."""
+        target = Path(path)
+        partial = target.with_name(f".{target.name}.part")
+        response = await self._respond(_calls.batch_zip(batch_id), stream=True)
+        try:
+            with partial.open("wb") as handle:
+                async for chunk in response.aiter_bytes():
+                    handle.write(chunk)
+            partial.replace(target)
+        finally:
+            await response.aclose()
+            partial.unlink(missing_ok=True)
+        return target
+
+    async def set_review(
+        self, asset: AssetRef, state: ReviewState, note: str | None = None
+    ) -> Asset:
+        """Review one output: `approved`, `rejected` or `pending-review`, with a note."""
+        return await self._call(_calls.set_review(asset, state, note))

@@ -20,9 +20,14 @@ from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel
+from pydantic.alias_generators import to_camel
 
 from imagegraph.client.models import (
     Asset,
+    Batch,
+    BatchCreated,
+    BatchItem,
+    BatchRetry,
     CreatedKey,
     Delivery,
     Execution,
@@ -51,6 +56,9 @@ UploadSource: TypeAlias = bytes | str | os.PathLike[str]
 """Image bytes, or the path of an image file."""
 AssetRef: TypeAlias = str | Output | Asset
 """An asset id, an asset's content URL (an output's `url`), an `Output` or an `Asset`."""
+ItemsFile: TypeAlias = str | os.PathLike[str]
+"""The path of a batch's items: .csv (first row names the columns), .jsonl or .json."""
+ReviewState: TypeAlias = Literal["pending-review", "approved", "rejected"]
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -62,6 +70,12 @@ _STREAM_READ_TIMEOUT = 60.0
 _YAML_SUFFIXES = frozenset({".yaml", ".yml"})
 _ASSET_PATH = re.compile(r"/assets/([A-Za-z0-9_]+)/content/?$")
 _MAGIC = ((b"\x89PNG", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"GIF8", ".gif"))
+_ITEM_TYPES = {
+    ".csv": "text/csv",
+    ".jsonl": "application/jsonl",
+    ".ndjson": "application/jsonl",
+    ".json": "application/json",
+}
 
 
 @dataclass(frozen=True)
@@ -75,6 +89,8 @@ class Call(Generic[T]):
     json: Any = None
     content: bytes | None = None
     files: Mapping[str, tuple[str, bytes, str]] | None = None
+    # Plain fields of a multipart body (sent with `files`).
+    data: Mapping[str, str] | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     idempotency_key: str | None = None
     authenticated: bool = True
@@ -104,6 +120,7 @@ def build_request(http: httpx.Client | httpx.AsyncClient, call: Call[Any]) -> ht
         json=call.json,
         content=call.content,
         files=call.files,
+        data=call.data,
         headers=headers,
         timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
     )
@@ -493,3 +510,102 @@ def webhook_deliveries(
 
 def replay_delivery(delivery_id: str) -> Call[Delivery]:
     return Call("POST", _path("webhooks", "deliveries", delivery_id, "replay"), _model(Delivery))
+
+
+# -- batches ---------------------------------------------------------------------------------
+
+
+def create_batch(
+    workflow_id: str,
+    items: Sequence[Mapping[str, Any]] | None,
+    file: ItemsFile | None,
+    options: Mapping[str, Any],
+    idempotency_key: str | None,
+) -> Call[BatchCreated]:
+    """Items inline (a JSON body) or a file (multipart: `file`, and `options` as JSON).
+    Option names may be snake_case (`runs_per_item`) or the API's camelCase."""
+    if (items is None) == (file is None):
+        raise ValueError("a batch takes either items or file")
+    fields = {"workflowId": workflow_id, **{to_camel(k): v for k, v in options.items()}}
+    key = idempotency_key or new_idempotency_key()
+    if file is None:
+        assert items is not None
+        body = {**fields, "items": [dict(item) for item in items]}
+        return Call("POST", "batches", _model(BatchCreated), json=body, idempotency_key=key)
+    path = Path(file)
+    part = (path.name, path.read_bytes(), _ITEM_TYPES.get(path.suffix.lower(), "text/plain"))
+    return Call(
+        "POST",
+        "batches",
+        _model(BatchCreated),
+        files={"file": part},
+        data={"options": json.dumps(fields)},
+        idempotency_key=key,
+    )
+
+
+def get_batch(batch_id: str) -> Call[Batch]:
+    return Call("GET", _path("batches", batch_id), _model(Batch))
+
+
+def list_batch_items(
+    batch_id: str, status: str | None, limit: int, cursor: str | None
+) -> Call[Page[BatchItem]]:
+    return Call(
+        "GET",
+        _path("batches", batch_id, "items"),
+        _model(Page[BatchItem]),
+        params=_params(status=status, limit=limit, cursor=cursor),
+    )
+
+
+def cancel_batch(batch_id: str) -> Call[Batch]:
+    return Call("POST", _path("batches", batch_id, "cancel"), _model(Batch))
+
+
+def retry_failed(batch_id: str, item_ids: Sequence[int] | None) -> Call[BatchRetry]:
+    body = {"itemIds": list(item_ids)} if item_ids is not None else {}
+    return Call("POST", _path("batches", batch_id, "retry-failed"), _model(BatchRetry), json=body)
+
+
+def review_batch(
+    batch_id: str,
+    state: ReviewState,
+    item_ids: Sequence[int] | None,
+    asset_ids: Sequence[str] | None,
+    current_state: ReviewState | None,
+    note: str | None,
+) -> Call[int]:
+    body: dict[str, Any] = {"state": state}
+    if item_ids is not None:
+        body["itemIds"] = list(item_ids)
+    if asset_ids is not None:
+        body["assetIds"] = list(asset_ids)
+    if current_state is not None:
+        body["currentState"] = current_state
+    if note is not None:
+        body["note"] = note
+    return Call(
+        "POST",
+        _path("batches", batch_id, "review"),
+        lambda response: int(response.json()["updated"]),
+        json=body,
+    )
+
+
+def batch_manifest(batch_id: str) -> Call[dict[str, Any]]:
+    return Call("GET", _path("batches", batch_id, "manifest"), lambda response: response.json())
+
+
+def batch_zip(batch_id: str) -> Call[None]:
+    """Sent as a stream: the caller writes the body to a file."""
+    return Call("GET", _path("batches", batch_id, "export.zip"), _nothing)
+
+
+def set_review(asset: AssetRef, state: ReviewState, note: str | None) -> Call[Asset]:
+    return Call(
+        "PATCH",
+        _path("assets", asset_id_of(asset)),
+        _model(Asset),
+        json={"reviewState": state, "reviewNote": note},
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import date
@@ -13,7 +14,14 @@ from typing import Any, Literal, TypeVar
 import httpx
 
 from imagegraph.client import _calls
-from imagegraph.client._calls import AssetRef, Call, UploadSource, WorkflowSource
+from imagegraph.client._calls import (
+    AssetRef,
+    Call,
+    ItemsFile,
+    ReviewState,
+    UploadSource,
+    WorkflowSource,
+)
 from imagegraph.client._config import DEFAULT_BASE_URL, api_base_url, client_headers
 from imagegraph.client._config import default_api_key as _default_api_key
 from imagegraph.client._retry import RetryPolicy, next_wait_delay
@@ -21,6 +29,10 @@ from imagegraph.client._sse import SSEDecoder
 from imagegraph.client.errors import TransportError, WaitTimeout, error_from_response
 from imagegraph.client.models import (
     Asset,
+    Batch,
+    BatchCreated,
+    BatchItem,
+    BatchRetry,
     CreatedKey,
     Delivery,
     Event,
@@ -394,6 +406,101 @@ class Client:
     def replay_delivery(self, delivery_id: str) -> Delivery:
         """Send a delivered or failed delivery again, with the same `webhook-id`."""
         return self._call(_calls.replay_delivery(delivery_id))
+
+    # -- batches -----------------------------------------------------------------------------
+
+    def create_batch(
+        self,
+        workflow_id: str,
+        items: Sequence[Mapping[str, Any]] | None = None,
+        file: ItemsFile | None = None,
+        *,
+        idempotency_key: str | None = None,
+        **options: Any,
+    ) -> BatchCreated:
+        """Start a batch: `items` inline (input values keyed by input node id or label,
+        template variable, `seed` or `<nodeId>.<param>`), or a .csv/.jsonl/.json `file`.
+        `options` are the batch's other fields, snake_case or camelCase: `concurrency`,
+        `name`, `dedupe`, `runs_per_item`, `seeds` (`{"strategy", "base"}`), `variants`,
+        `negative_prompts`, `inputs`, `nodes`, `workflow_version`, `webhook_url`.
+        `ValidationFailed.errors` names each bad line or item; nothing is queued then."""
+        call = _calls.create_batch(workflow_id, items, file, options, idempotency_key)
+        return self._call(call)
+
+    def get_batch(self, batch_id: str) -> Batch:
+        """Progress: counts by status, credits, images per minute and ETA."""
+        return self._call(_calls.get_batch(batch_id))
+
+    def list_batch_items(
+        self,
+        batch_id: str,
+        status: str | None = None,
+        *,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Page[BatchItem]:
+        """One page of a batch's items in order, optionally only those in `status`."""
+        return self._call(_calls.list_batch_items(batch_id, status, limit, cursor))
+
+    def batch_items(
+        self, batch_id: str, status: str | None = None, *, page_size: int = 200
+    ) -> Iterator[BatchItem]:
+        """Every item of a batch (in `status`), in order, fetching pages as needed."""
+        cursor: str | None = None
+        while True:
+            page = self.list_batch_items(batch_id, status, limit=page_size, cursor=cursor)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def cancel_batch(self, batch_id: str) -> Batch:
+        """Cancel pending items and stop running ones; `Conflict` if the batch has ended."""
+        return self._call(_calls.cancel_batch(batch_id))
+
+    def retry_failed(self, batch_id: str, item_ids: Sequence[int] | None = None) -> BatchRetry:
+        """Run the failed items again (all, or those named); an ended batch runs again."""
+        return self._call(_calls.retry_failed(batch_id, item_ids))
+
+    def review_batch(
+        self,
+        batch_id: str,
+        state: ReviewState,
+        *,
+        item_ids: Sequence[int] | None = None,
+        asset_ids: Sequence[str] | None = None,
+        current_state: ReviewState | None = None,
+        note: str | None = None,
+    ) -> int:
+        """Set the review state of the batch's outputs (all, or of the items or assets
+        named, or only those now in `current_state`); returns how many changed."""
+        call = _calls.review_batch(batch_id, state, item_ids, asset_ids, current_state, note)
+        return self._call(call)
+
+    def batch_manifest(self, batch_id: str) -> dict[str, Any]:
+        """The manifest: each item's inputs, output files and how each was made."""
+        return self._call(_calls.batch_manifest(batch_id))
+
+    def download_batch_zip(self, batch_id: str, path: str | os.PathLike[str]) -> Path:
+        """Write the batch's files and manifest, as one zip in the export layout, to
+        `path` (streamed; the file appears complete or not at all)."""
+        target = Path(path)
+        partial = target.with_name(f".{target.name}.part")
+        try:
+            with (
+                contextlib.closing(self._respond(_calls.batch_zip(batch_id), stream=True)) as r,
+                partial.open("wb") as handle,
+            ):
+                for chunk in r.iter_bytes():
+                    handle.write(chunk)
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
+        return target
+
+    def set_review(self, asset: AssetRef, state: ReviewState, note: str | None = None) -> Asset:
+        """Review one output: `approved`, `rejected` or `pending-review`, with a note."""
+        return self._call(_calls.set_review(asset, state, note))
 
 
 def fire_trigger(

@@ -15,6 +15,8 @@ from pydantic.alias_generators import to_camel
 
 TERMINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
 """Execution statuses after which nothing changes."""
+BATCH_TERMINAL_STATUSES = frozenset({"COMPLETED", "CANCELLED"})
+"""Batch statuses after which nothing changes (until failed items are retried)."""
 
 T = TypeVar("T")
 
@@ -226,6 +228,9 @@ class Asset(Model):
     parents: list[str] = Field(default_factory=list)
     operation: dict[str, Any] | None = None
     filename: str | None = None
+    # Measurements of quality nodes by metric, and the review state of an output.
+    quality: dict[str, Any] | None = None
+    review_state: str | None = None
     created_at: datetime
 
 
@@ -357,3 +362,90 @@ class Delivery(Model):
     created_at: datetime
     delivered_at: datetime | None = None
     attempt_log: list[DeliveryAttempt] = Field(default_factory=list)
+
+
+# -- batches ---------------------------------------------------------------------------------
+
+
+class BatchCreated(Model):
+    """A batch the server accepted; `deduplicated` runs take the outcome of an identical one."""
+
+    batch_id: str
+    status: str
+    total: int
+    deduplicated: int = 0
+
+
+class BatchCounts(Model):
+    """A batch's items by status; `pending + running + completed + failed + cancelled` is
+    `total`."""
+
+    total: int
+    pending: int
+    running: int
+    completed: int
+    failed: int
+    cancelled: int
+    deduplicated: int = 0
+
+
+class Batch(Model):
+    """A batch's progress: counts by status, credits spent, rate and estimated time left."""
+
+    batch_id: str
+    name: str = ""
+    status: str
+    workflow_id: str
+    workflow_version: int
+    mode: str
+    concurrency: int
+    counts: BatchCounts
+    progress: float
+    credits: float = 0.0
+    images_per_minute: float | None = None
+    eta_seconds: float | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.status in BATCH_TERMINAL_STATUSES
+
+
+class BatchOutput(Model):
+    """An output of a batch item; `url` downloads it (`Client.download(output.url)`)."""
+
+    asset_id: str
+    node_id: str | None = None
+    url: str
+    review_state: str | None = None
+    quality: dict[str, Any] | None = None
+
+
+class BatchItem(Model):
+    """One run of a batch: an item's inputs, its variant and run number, seed and outcome."""
+
+    item_id: int
+    index: int
+    variant: str | None = None
+    run: int
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    seed: int | None = None
+    status: str
+    execution_id: str | None = None
+    duplicate_of: int | None = None
+    attempts: int = 0
+    error: dict[str, Any] | None = None
+    credits: float = 0.0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    outputs: list[BatchOutput] = Field(default_factory=list)
+
+
+class BatchRetry(Model):
+    """How many failed items run again, and the batch afterwards."""
+
+    retried: int
+    batch: Batch
