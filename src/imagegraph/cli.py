@@ -95,6 +95,11 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def print_error(message: str) -> None:
+    """An error line on stderr; the message is shown as it is (not read as rich markup)."""
+    err.print(Text.assemble(("error:", "red"), f" {message}"), highlight=False, soft_wrap=True)
+
+
 def _print_issues(exc: InvalidInput) -> None:
     err.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
     if len(exc.issues) > 1:
@@ -585,3 +590,7 @@ def main() -> None:
     except ImagegraphError as exc:
         err.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
         sys.exit(1)
+
+
+# The batch and reproduce commands live in their own modules; importing them registers them.
+from imagegraph import cli_batch, cli_reproduce  # noqa: E402, F401
