@@ -168,7 +168,9 @@ class RunContext:
     async def run_cpu(
         self, fn: Callable[..., T], *args: Any, pixels: int | None = None, urgent: bool = True
     ) -> T:
-        if pixels is not None and pixels <= INLINE_PIXELS:
+        # Small urgent work runs right here: a thread hand-off would cost more. Work with
+        # time to spare always leaves the event loop, which others are waiting on.
+        if urgent and pixels is not None and pixels <= INLINE_PIXELS:
             return fn(*args)
         pool = self._cpu if urgent else self._background
         return await self._loop.run_in_executor(pool, fn, *args)
