@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from imagegraph import keys
+from imagegraph.batches import Batches
 from imagegraph.blobs import BlobStore, LocalBlobStore
 from imagegraph.catalog import load_catalog
 from imagegraph.engine.engine import Engine
@@ -47,6 +48,7 @@ class Runtime:
     limiter: RateLimiter
     webhooks: Webhooks
     providers: ProviderHub
+    batches: Batches = field(init=False)
     keys: workspaces.KeyCache = field(default_factory=workspaces.KeyCache)
     # The admin key made on this start, when the database had none (shown once).
     bootstrap_key: str | None = None
@@ -55,6 +57,9 @@ class Runtime:
         default_factory=lambda: LRU(max_weight=512)
     )
     _maintenance: asyncio.Task[None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.batches = Batches(self.db, self.engine, self.workflow_version)
 
     @classmethod
     def build(
@@ -127,6 +132,7 @@ class Runtime:
 
     async def start(self) -> None:
         await self.engine.start()
+        await self.batches.start()
         await self.webhooks.start()
         self._maintenance = asyncio.create_task(self._maintain(), name="imagegraph-maintenance")
 
@@ -134,6 +140,7 @@ class Runtime:
         self._maintenance.cancel()
         await asyncio.gather(self._maintenance, return_exceptions=True)
         await self.webhooks.stop()
+        await self.batches.stop()
         await self.engine.stop()
         await self.providers.aclose()
         await self.limiter.aclose()

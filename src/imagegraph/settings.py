@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     )
     max_download_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     max_upload_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
+    export_dir: Path | None = Field(
+        default=None,
+        description="Where `POST /batches/{id}/export` writes batch folders "
+        "(default: <data-dir>/exports).",
+    )
     max_image_pixels: int = Field(default=50_000_000, ge=64 * 64, le=PILLOW_PIXEL_WARNING_LIMIT)
     max_graph_nodes: int = Field(default=1000, ge=1)
 
@@ -212,6 +217,9 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{self.data_dir / 'imagegraph.db'}"
+
+    def export_dir_or_default(self) -> Path:
+        return (self.export_dir or self.data_dir / "exports").expanduser().resolve()
 
     @property
     def blob_dir(self) -> Path:

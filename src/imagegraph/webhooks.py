@@ -49,7 +49,13 @@ from imagegraph.store.db import Database
 
 log = logging.getLogger("imagegraph.webhooks")
 
-EventType = Literal["execution.completed", "execution.failed", "execution.cancelled"]
+EventType = Literal[
+    "execution.completed",
+    "execution.failed",
+    "execution.cancelled",
+    "batch.completed",
+    "batch.cancelled",
+]
 EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 JITTER = 0.2
 CLAIM_BATCH = 20

@@ -15,9 +15,11 @@ from imagegraph.api.problems import install_problem_handlers
 from imagegraph.api.routes import (
     account,
     assets,
+    batches,
     executions,
     meta,
     models,
+    negative_prompts,
     triggers,
     webhooks,
     workflows,
@@ -72,6 +74,8 @@ def create_app(
     api.include_router(workflows.router)
     api.include_router(triggers.router)
     api.include_router(assets.router)
+    api.include_router(batches.router)
+    api.include_router(negative_prompts.router)
     api.include_router(account.router)
     api.include_router(webhooks.router)
     api.include_router(meta.router)

@@ -23,7 +23,6 @@ from imagegraph.store.tables import (
     executions,
     node_cache,
     node_runs,
-    webhook_endpoints,
     workspaces,
 )
 
@@ -54,6 +53,7 @@ ENDED_COLUMNS = (
     E.created_at,
     E.finished_at,
     E.webhook_url,
+    E.batch_item_id,
 )
 
 INSERT_EXECUTION = Prepared(insert(executions))
@@ -224,12 +224,6 @@ RELEASE_HOLD = Prepared(
     .values(credits_held=W.credits_held - bindparam("b_amount"))
 )
 INSERT_LEDGER = Prepared(insert(credit_ledger))
-SUBSCRIBED_ENDPOINTS = Prepared(
-    select(webhook_endpoints.c.id, webhook_endpoints.c.url, webhook_endpoints.c.events).where(
-        webhook_endpoints.c.workspace_id == bindparam("b_ws"),
-        webhook_endpoints.c.enabled.is_(True),
-    )
-)
 RENEW_LEASES = (
     update(node_runs)
     .where(

@@ -37,13 +37,13 @@ from imagegraph.engine.events import Event
 from imagegraph.engine.states import TERMINAL_EXECUTION, TERMINAL_RUN, ExecutionStatus, RunState
 from imagegraph.errors import Conflict, NotFound
 from imagegraph.graph.plan import Plan, PlanNode
-from imagegraph.ids import new_id
+from imagegraph.store import batches as batch_store
+from imagegraph.store import webhooks as webhook_store
 from imagegraph.store.db import Database
 from imagegraph.store.tables import (
     executions,
     idempotency_keys,
     node_runs,
-    webhook_deliveries,
     workspaces,
 )
 
@@ -122,7 +122,7 @@ class Completion:
     reset: tuple[str, ...] = ()
 
 
-class _Txn:
+class Txn:
     """What one transaction records besides its statements: events and new claims."""
 
     def __init__(self, conn: Connection, now: datetime, lease: Lease | None) -> None:
@@ -194,6 +194,25 @@ def _claim(row: Any) -> Claim:
     )
 
 
+@dataclass(frozen=True)
+class NewExecution:
+    """An execution to record: the graph that runs, planned, and what it is priced at."""
+
+    execution_id: str
+    workspace_id: str
+    workflow_id: str | None
+    workflow_version: int | None
+    graph: Mapping[str, Any]
+    inputs: Mapping[str, Any]
+    plan: Plan
+    mode: str = "live"
+    prices: Mapping[str, float] = field(default_factory=dict)
+    webhook_url: str | None = None
+    # The batch item it runs, whose status follows the execution's end.
+    batch_id: str | None = None
+    batch_item_id: int | None = None
+
+
 def create_execution(
     db: Database,
     *,
@@ -217,11 +236,18 @@ def create_execution(
     Raises IntegrityError (changing nothing) when `idempotency.key` was claimed already,
     and InsufficientCredits when the workspace cannot cover `prices`.
     """
-    sources = set(plan.sources)
-    claiming = lease is not None and lease.limit >= len(sources)
-    status = ExecutionStatus.RUNNING if claiming else ExecutionStatus.QUEUED
-    prices = prices or {}
-    total = round(sum(prices.values()), 6)
+    spec = NewExecution(
+        execution_id=execution_id,
+        workspace_id=workspace_id,
+        workflow_id=workflow_id,
+        workflow_version=workflow_version,
+        graph=graph,
+        inputs=inputs,
+        plan=plan,
+        mode=mode,
+        prices=prices or {},
+        webhook_url=webhook_url,
+    )
     with db.write() as conn:
         if idempotency is not None:
             # First, so concurrent twins wait here (PostgreSQL) and fail before other work.
@@ -238,56 +264,75 @@ def create_execution(
                     locked_at=None,
                 )
             )
-        if total > 0:
-            _hold(conn, workspace_id, total)
-        txn = _Txn(conn, now, lease if claiming else None)
-        sql.INSERT_EXECUTION.execute(
-            conn,
-            {
-                "id": execution_id,
-                "workspace_id": workspace_id,
-                "workflow_id": workflow_id,
-                "workflow_version": workflow_version,
-                "status": status.value,
-                "mode": mode,
-                "webhook_url": webhook_url,
-                "graph": graph,
-                "inputs": inputs,
-                "node_count": len(plan.nodes),
-                "remaining": len(plan.nodes),
-                "credits": 0.0,
-                "credits_held": total,
-                "created_at": now,
-                "started_at": now if claiming else None,
-            },
-        )
-        sql.INSERT_RUNS.execute(
-            conn,
-            [
-                {
-                    "execution_id": execution_id,
-                    "node_id": node_id,
-                    "node_type": plan.nodes[node_id].type,
-                    "state": (RunState.QUEUED if node_id in sources else RunState.PENDING).value,
-                    "next_attempt_at": now if node_id in sources else None,
-                    "price": prices.get(node_id, 0.0),
-                }
-                for node_id in plan.order
-            ],
-        )
-        txn.event(
-            execution_id,
-            "execution.queued",
-            status=ExecutionStatus.QUEUED.value,
-            workflowId=workflow_id,
-            workflowVersion=workflow_version,
-        )
-        if claiming:
-            txn.event(execution_id, "execution.started", status=ExecutionStatus.RUNNING.value)
-            for node_id in plan.order:
-                if node_id in sources:
-                    txn.try_claim(execution_id, node_id)
+        txn = Txn(conn, now, lease)
+        add_execution(txn, spec)
         return txn.flush(), txn.claims
+
+
+def add_execution(txn: Txn, spec: NewExecution) -> None:
+    """Record `spec` in the caller's transaction; its source nodes are claimed for
+    `txn.lease` when the lease has room for all of them.
+
+    Raises InsufficientCredits, having written nothing, when the workspace cannot cover
+    the execution's price."""
+    conn, now, plan = txn.conn, txn.now, spec.plan
+    sources = set(plan.sources)
+    lease = txn.lease
+    claiming = lease is not None and lease.limit - len(txn.claims) >= len(sources)
+    status = ExecutionStatus.RUNNING if claiming else ExecutionStatus.QUEUED
+    prices = spec.prices
+    total = round(sum(prices.values()), 6)
+    execution_id = spec.execution_id
+    if total > 0:
+        _hold(conn, spec.workspace_id, total)
+    sql.INSERT_EXECUTION.execute(
+        conn,
+        {
+            "id": execution_id,
+            "workspace_id": spec.workspace_id,
+            "workflow_id": spec.workflow_id,
+            "workflow_version": spec.workflow_version,
+            "status": status.value,
+            "mode": spec.mode,
+            "webhook_url": spec.webhook_url,
+            "graph": spec.graph,
+            "inputs": spec.inputs,
+            "node_count": len(plan.nodes),
+            "remaining": len(plan.nodes),
+            "credits": 0.0,
+            "credits_held": total,
+            "created_at": now,
+            "started_at": now if claiming else None,
+            "batch_id": spec.batch_id,
+            "batch_item_id": spec.batch_item_id,
+        },
+    )
+    sql.INSERT_RUNS.execute(
+        conn,
+        [
+            {
+                "execution_id": execution_id,
+                "node_id": node_id,
+                "node_type": plan.nodes[node_id].type,
+                "state": (RunState.QUEUED if node_id in sources else RunState.PENDING).value,
+                "next_attempt_at": now if node_id in sources else None,
+                "price": prices.get(node_id, 0.0),
+            }
+            for node_id in plan.order
+        ],
+    )
+    txn.event(
+        execution_id,
+        "execution.queued",
+        status=ExecutionStatus.QUEUED.value,
+        workflowId=spec.workflow_id,
+        workflowVersion=spec.workflow_version,
+    )
+    if claiming:
+        txn.event(execution_id, "execution.started", status=ExecutionStatus.RUNNING.value)
+        for node_id in plan.order:
+            if node_id in sources:
+                txn.try_claim(execution_id, node_id)
 
 
 def _hold(conn: Connection, workspace_id: str, amount: float) -> None:
@@ -326,7 +371,7 @@ def claim(
         ).all()
         if not rows:
             return [], []
-        txn = _Txn(conn, now, None)
+        txn = Txn(conn, now, None)
         claims = sorted((_claim(r) for r in rows), key=lambda c: c.run_id)
         started = (
             conn.execute(
@@ -379,7 +424,7 @@ def complete_many(
     """`complete` for several runs in one transaction (group commit): one BEGIN/COMMIT and
     one insert of events for all of them."""
     with db.write() as conn:
-        txns = [_Txn(conn, now, item.lease) for item in finished]
+        txns = [Txn(conn, now, item.lease) for item in finished]
         completions = [
             _complete(txn, owner, item.claim, item.plan, item.outcome)
             for txn, item in zip(txns, finished, strict=True)
@@ -393,7 +438,7 @@ def complete_many(
 
 
 def _complete(
-    txn: _Txn, owner: str, claim: Claim, plan: Plan, outcome: Success | Failure
+    txn: Txn, owner: str, claim: Claim, plan: Plan, outcome: Success | Failure
 ) -> Completion:
     conn = txn.conn
     owned = {"b_id": claim.run_id, "b_owner": owner, "b_attempt": claim.attempt}
@@ -527,14 +572,14 @@ def regenerate(
     Returns `accepted=False`, changing nothing, when the gate's lease is no longer ours.
     """
     with db.write() as conn:
-        txn = _Txn(conn, now, lease)
+        txn = Txn(conn, now, lease)
         completion = _regenerate(txn, owner, claim, plan, request)
         completion.events = txn.flush()
         return completion
 
 
 def _regenerate(
-    txn: _Txn, owner: str, claim: Claim, plan: Plan, request: Regeneration
+    txn: Txn, owner: str, claim: Claim, plan: Plan, request: Regeneration
 ) -> Completion:
     conn = txn.conn
     path = plan.between(request.target, claim.node_id)
@@ -630,7 +675,7 @@ def _regenerate(
     return Completion(accepted=True, queued=1, claims=txn.claims, reset=path)
 
 
-def _charge(txn: _Txn, claim: Claim, credits: float, model: str | None) -> None:
+def _charge(txn: Txn, claim: Claim, credits: float, model: str | None) -> None:
     """Charge a finished run what it cost and release what was held for it."""
     conn = txn.conn
     row = sql.CHARGE_EXECUTION.execute(
@@ -674,7 +719,7 @@ RunStates = dict[str, tuple[RunState, Mapping[str, Any] | None]]
 
 
 def _settle_successors(
-    txn: _Txn, plan: Plan, execution_id: str, settled_now: RunStates
+    txn: Txn, plan: Plan, execution_id: str, settled_now: RunStates
 ) -> tuple[int, int]:
     """Decide every successor whose inputs are now all settled, transitively.
 
@@ -747,7 +792,7 @@ def _predecessor_states(
 
 
 def _settle(
-    txn: _Txn,
+    txn: Txn,
     execution_id: str,
     node_id: str,
     state: RunState,
@@ -809,7 +854,7 @@ def _edge_live(
 
 
 def _count_down(
-    txn: _Txn, execution_id: str, settled: int, credits: float
+    txn: Txn, execution_id: str, settled: int, credits: float
 ) -> ExecutionStatus | None:
     conn = txn.conn
     row = sql.COUNT_DOWN.execute(
@@ -848,6 +893,8 @@ def _ended(conn: Connection, row: Any, kind: str, now: datetime, held: float) ->
     for it (`held`), and write the webhook deliveries that announce it."""
     if held:
         sql.RELEASE_HOLD.execute(conn, {"b_ws": row.workspace_id, "b_amount": held})
+    if row.batch_item_id is not None:
+        batch_store.item_ended(conn, row, now)
     data = {
         "executionId": row.id,
         "workflowId": row.workflow_id,
@@ -858,32 +905,7 @@ def _ended(conn: Connection, row: Any, kind: str, now: datetime, held: float) ->
         "createdAt": row.created_at.isoformat(),
         "finishedAt": row.finished_at.isoformat() if row.finished_at else None,
     }
-    payload = {"type": kind, "timestamp": now.isoformat(), "data": data}
-    targets: list[tuple[str | None, str]] = []
-    if row.webhook_url:
-        targets.append((None, row.webhook_url))
-    for endpoint in sql.SUBSCRIBED_ENDPOINTS.execute(conn, {"b_ws": row.workspace_id}).all():
-        if kind in endpoint.events:
-            targets.append((endpoint.id, endpoint.url))
-    if targets:
-        conn.execute(
-            insert(webhook_deliveries),
-            [
-                {
-                    "id": new_id("evt"),
-                    "workspace_id": row.workspace_id,
-                    "endpoint_id": endpoint_id,
-                    "url": url,
-                    "event_type": kind,
-                    "payload": payload,
-                    "state": "pending",
-                    "attempts": 0,
-                    "next_attempt_at": now,
-                    "created_at": now,
-                }
-                for endpoint_id, url in targets
-            ],
-        )
+    webhook_store.enqueue(conn, row.workspace_id, kind, data, now, row.webhook_url)
 
 
 def cancel_execution(
@@ -891,7 +913,7 @@ def cancel_execution(
 ) -> list[Event]:
     """Cancel an execution that has not ended; its unsettled node runs become CANCELLED."""
     with db.write() as conn:
-        txn = _Txn(conn, now, None)
+        txn = Txn(conn, now, None)
         row = conn.execute(
             select(executions.c.status, executions.c.credits_held).where(
                 executions.c.id == execution_id, executions.c.workspace_id == workspace_id
@@ -929,7 +951,7 @@ def fail_execution(
 ) -> list[Event]:
     """End an execution that cannot go on; its unsettled node runs fail with `error`."""
     with db.write() as conn:
-        txn = _Txn(conn, now, None)
+        txn = Txn(conn, now, None)
         row = conn.execute(
             select(executions.c.status, executions.c.credits_held).where(
                 executions.c.id == execution_id
@@ -1036,7 +1058,7 @@ def requeue_runs(
     else:
         return []
     with db.write() as conn:
-        txn = _Txn(conn, now, None)
+        txn = Txn(conn, now, None)
         rows = conn.execute(
             update(node_runs)
             .where(*conditions)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import RowMapping, insert, select
+from sqlalchemy import RowMapping, insert, select, update
 
+from imagegraph.errors import NotFound
 from imagegraph.store.db import Database
 from imagegraph.store.tables import assets
 
@@ -61,3 +63,24 @@ def lineage(db: Database, workspace_id: str, asset_id: str, limit: int = 1000) -
             parents = (row.meta or {}).get("parents") or []
             current = parents[0] if parents else None
     return chain
+
+
+def set_review(
+    db: Database,
+    workspace_id: str,
+    asset_id: str,
+    state: str,
+    note: str | None,
+    now: datetime,
+) -> RowMapping:
+    """Set an asset's review state (a person's decision); returns the asset."""
+    with db.write() as conn:
+        row = conn.execute(
+            update(assets)
+            .where(assets.c.id == asset_id, assets.c.workspace_id == workspace_id)
+            .values(review_state=state, review_note=note, reviewed_at=now)
+            .returning(*assets.c)
+        ).first()
+    if row is None:
+        raise NotFound(f"asset {asset_id} does not exist")
+    return row._mapping

@@ -1,13 +1,13 @@
 """Webhook endpoints, and the outbox of deliveries with the log of their attempts.
 
-Deliveries are written by the transaction that ends an execution (`engine.transitions`);
+Deliveries are written by the transaction that ends an execution or a batch (`enqueue`);
 this module registers endpoints and moves deliveries along: claimed under a lease by a
 dispatcher, then delivered, rescheduled, or failed for good.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -17,6 +17,7 @@ from sqlalchemy import Connection, and_, bindparam, insert, or_, select, update
 from imagegraph.errors import Conflict, NotFound
 from imagegraph.ids import new_id
 from imagegraph.store.db import Database
+from imagegraph.store.prepared import Prepared
 from imagegraph.store.tables import (
     webhook_attempts,
     webhook_deliveries,
@@ -26,6 +27,50 @@ from imagegraph.store.tables import (
 
 D = webhook_deliveries.c
 EP = webhook_endpoints.c
+
+SUBSCRIBED_ENDPOINTS = Prepared(
+    select(EP.id, EP.url, EP.events).where(
+        EP.workspace_id == bindparam("b_ws"), EP.enabled.is_(True)
+    )
+)
+
+
+def enqueue(
+    conn: Connection,
+    workspace_id: str,
+    kind: str,
+    data: Mapping[str, Any],
+    now: datetime,
+    url: str | None = None,
+) -> None:
+    """Write the deliveries announcing an event (in the transaction that made it happen):
+    to `url` if given, and to every enabled endpoint of the workspace subscribed to `kind`."""
+    payload = {"type": kind, "timestamp": now.isoformat(), "data": dict(data)}
+    targets: list[tuple[str | None, str]] = []
+    if url:
+        targets.append((None, url))
+    for endpoint in SUBSCRIBED_ENDPOINTS.execute(conn, {"b_ws": workspace_id}).all():
+        if kind in endpoint.events:
+            targets.append((endpoint.id, endpoint.url))
+    if targets:
+        conn.execute(
+            insert(webhook_deliveries),
+            [
+                {
+                    "id": new_id("evt"),
+                    "workspace_id": workspace_id,
+                    "endpoint_id": endpoint_id,
+                    "url": target,
+                    "event_type": kind,
+                    "payload": payload,
+                    "state": "pending",
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "created_at": now,
+                }
+                for endpoint_id, target in targets
+            ],
+        )
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Request, Response, UploadFile, status
+from pydantic import Field
 
 from imagegraph.api.auth import CanRead, CanWrite
 from imagegraph.api.deps import BaseUrlDep, RuntimeDep
 from imagegraph.api.idempotency import Idempotency, IdempotencyKeyHeader, idempotent
-from imagegraph.api.schemas import AssetOut, asset_out, json_response
+from imagegraph.api.schemas import AssetOut, RequestModel, asset_out, json_response
 from imagegraph.blobs import sha256_hex
 from imagegraph.errors import NotFound, PayloadTooLarge
 from imagegraph.ids import new_id
@@ -114,6 +115,36 @@ async def get_asset(
     row = await runtime.db.run(store.get_asset, runtime.db, principal.workspace_id, asset_id)
     if row is None:
         raise NotFound(f"asset {asset_id} does not exist")
+    return asset_out(row, base_url)
+
+
+class AssetReview(RequestModel):
+    review_state: Literal["pending-review", "approved", "rejected"]
+    review_note: str | None = Field(default=None, max_length=2000)
+
+
+@router.patch(
+    "/{asset_id}",
+    response_model=AssetOut,
+    summary="Review an output: set its review state (and a note)",
+    responses={404: {"description": "No such asset"}},
+)
+async def review_asset(
+    runtime: RuntimeDep,
+    principal: CanWrite,
+    base_url: BaseUrlDep,
+    asset_id: str,
+    body: AssetReview,
+) -> AssetOut:
+    row = await runtime.db.run(
+        store.set_review,
+        runtime.db,
+        principal.workspace_id,
+        asset_id,
+        body.review_state,
+        body.review_note,
+        datetime.now(UTC),
+    )
     return asset_out(row, base_url)
 
 
