@@ -534,3 +534,52 @@ async def test_a_variant_may_use_a_column_the_saved_template_does_not(
         "plain": "a fox in watercolor style",
         "moody": "a fox, misty, watercolor",
     }
+
+
+async def test_a_quality_gate_decides_the_review_state_of_batch_outputs(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    doc = workflow(
+        [
+            node("prompt", "input:text", "Prompt"),
+            node("gen", "generate:sandbox", width=64, height=64),
+            node("check", "quality:check", minWidth=100),
+            node("gate", "quality:gate", maxAttempts=2, onExhausted="reject"),
+            node("out", "output:image"),
+        ],
+        [
+            edge("prompt", "text", "gen", "prompt"),
+            edge("gen", "image", "check", "image"),
+            edge("check", "image", "gate", "image"),
+            edge("check", "passed", "gate", "passed"),
+            edge("gate", "image", "out", "image"),
+        ],
+    )
+    workflow_id = await _workflow(client, doc)
+    csv_text = "Prompt,gen.width\na small one,64\na big one,128\n"
+    response = await client.post(
+        "/api/v1/batches",
+        files={"file": ("items.csv", csv_text.encode(), "text/csv")},
+        data={"options": json.dumps({"workflowId": workflow_id})},
+    )
+    assert response.status_code == 201, response.text
+    batch_id = response.json()["batchId"]
+    body = await _wait(client, batch_id)
+    assert body["counts"]["completed"] == 2
+    manifest = (await client.get(f"/api/v1/batches/{batch_id}/manifest")).json()
+    small, big = (entry["outputs"][0] for entry in manifest["items"])
+    assert small["reviewState"] == "rejected"
+    assert small["file"] == "rejected/00000-out.png"
+    assert big["reviewState"] == "approved"
+    assert big["width"] == 128
+    assert big["quality"]["sharpness"] > 0
+    # the small item was generated twice (the gate sent it back once), the big one once
+    record = (
+        await client.get(f"/api/v1/workflows/executions/{manifest['items'][0]['executionId']}")
+    ).json()
+    gen = next(n for n in record["nodes"] if n["nodeId"] == "gen")
+    assert gen["regenerations"] == 1
+    exported = await client.post(f"/api/v1/batches/{batch_id}/export")
+    root = Path(exported.json()["path"])
+    assert [p.name for p in (root / "approved").iterdir()] == ["00001-out.png"]
+    assert [p.name for p in (root / "rejected").iterdir()] == ["00000-out.png"]
