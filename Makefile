@@ -35,6 +35,7 @@ lint: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/orchestration.py
 	$(BIN)/python benchmarks/providers.py --submit-concurrency 50
+	$(BIN)/python benchmarks/batch.py
 
 # Re-pin constraints.txt from a fresh environment after changing pyproject.toml.
 lock:
