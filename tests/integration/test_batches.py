@@ -583,3 +583,38 @@ async def test_a_quality_gate_decides_the_review_state_of_batch_outputs(
     root = Path(exported.json()["path"])
     assert [p.name for p in (root / "approved").iterdir()] == ["00001-out.png"]
     assert [p.name for p in (root / "rejected").iterdir()] == ["00000-out.png"]
+
+
+async def test_a_10000_line_file_is_accepted_in_one_request_and_cancelled_mid_batch(
+    client: httpx.AsyncClient,
+) -> None:
+    workflow_id = await _workflow(client, linear(seed=None, size=64, delay_ms=200))
+    lines = ["Prompt,gen.steps"] + [f"product {i},{1 + i % 50}" for i in range(10_000)]
+    response = await client.post(
+        "/api/v1/batches",
+        files={"file": ("items.csv", "\n".join(lines).encode(), "text/csv")},
+        data={"options": json.dumps({"workflowId": workflow_id, "concurrency": 20})},
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["total"] == 10_000
+    batch_id = response.json()["batchId"]
+    while (await client.get(f"/api/v1/batches/{batch_id}")).json()["counts"]["completed"] < 20:
+        await asyncio.sleep(0.05)
+    cancelled = (await client.post(f"/api/v1/batches/{batch_id}/cancel")).json()
+    assert cancelled["status"] == "CANCELLED"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    body = cancelled
+    while body["counts"]["running"]:
+        assert loop.time() < deadline, body
+        await asyncio.sleep(0.05)
+        body = (await client.get(f"/api/v1/batches/{batch_id}")).json()
+    counts = body["counts"]
+    assert counts["completed"] >= 20
+    assert counts["completed"] + counts["cancelled"] == 10_000
+    assert counts["pending"] == 0
+    last = (
+        await client.get(f"/api/v1/batches/{batch_id}/items", params={"status": "CANCELLED"})
+    ).json()["items"][0]
+    assert last["status"] == "CANCELLED"
+    assert last["executionId"] is None or last["executionId"].startswith("exec_")
