@@ -618,3 +618,24 @@ async def test_a_10000_line_file_is_accepted_in_one_request_and_cancelled_mid_ba
     ).json()["items"][0]
     assert last["status"] == "CANCELLED"
     assert last["executionId"] is None or last["executionId"].startswith("exec_")
+
+
+async def test_a_batch_runs_its_pinned_version_to_the_end_if_the_workflow_is_deleted(
+    client: httpx.AsyncClient,
+) -> None:
+    workflow_id = await _workflow(client, linear(seed=None, size=64, delay_ms=300))
+    response = await client.post(
+        "/api/v1/batches",
+        json={
+            "workflowId": workflow_id,
+            "items": [{"Prompt": f"p{i}"} for i in range(6)],
+            "concurrency": 2,
+        },
+    )
+    batch_id = response.json()["batchId"]
+    while (await client.get(f"/api/v1/batches/{batch_id}")).json()["counts"]["running"] < 2:
+        await asyncio.sleep(0.02)
+    assert (await client.delete(f"/api/v1/workflows/{workflow_id}")).status_code == 204
+    body = await _wait(client, batch_id)
+    assert body["status"] == "COMPLETED"
+    assert body["counts"]["completed"] == 6

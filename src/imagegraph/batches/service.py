@@ -40,11 +40,12 @@ from imagegraph.engine.transitions import (
     add_execution,
 )
 from imagegraph.errors import InvalidInput, Issue, PaymentRequired
-from imagegraph.graph.model import WorkflowDoc
+from imagegraph.graph.model import WorkflowDoc, parse_workflow
 from imagegraph.graph.plan import Plan
 from imagegraph.ids import new_id
 from imagegraph.keys import Mode
 from imagegraph.store import batches as store
+from imagegraph.store import workflows as workflow_store
 from imagegraph.store.batches import BatchStatus
 from imagegraph.store.db import Database
 from imagegraph.store.tables import negative_prompts, workspaces
@@ -347,9 +348,13 @@ class Batches:
             options = BatchOptions.model_validate(
                 {k: v for k, v in batch["options"].items() if k != "negativeText"}
             )
-            version, doc = await self._load_workflow(
-                batch["workspace_id"], batch["workflow_id"], batch["workflow_version"]
+            # The version the batch pinned, even if the workflow was deleted since: a batch
+            # runs to its end with what it started with.
+            version = batch["workflow_version"]
+            graph = await self.db.run(
+                workflow_store.version_graph, self.db, batch["workflow_id"], version
             )
+            doc = parse_workflow(graph)
             prepared = _Prepared(
                 batch["workspace_id"],
                 batch["mode"],

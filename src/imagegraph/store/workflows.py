@@ -114,6 +114,21 @@ _LATEST = Prepared(
 )
 
 
+def version_graph(db: Database, workflow_id: str, version: int) -> dict[str, Any]:
+    """A saved version's graph, whether or not its workflow was deleted since (what ran, or
+    runs, on a version stays readable)."""
+    with db.read() as conn:
+        graph = conn.execute(
+            select(workflow_versions.c.graph).where(
+                workflow_versions.c.workflow_id == workflow_id,
+                workflow_versions.c.version == version,
+            )
+        ).scalar()
+    if graph is None:
+        raise NotFound(f"workflow {workflow_id} has no version {version}")
+    return dict(graph)
+
+
 def get_workflow(
     db: Database, workspace_id: str, workflow_id: str, version: int | None = None
 ) -> WorkflowRecord:
