@@ -70,3 +70,29 @@ def fan_out(delay_ms: int = 0, count: int = 4, size: int = 96) -> dict[str, Any]
     ]
     edges += [edge("collect", "images", "grid", "images"), edge("grid", "image", "out", "image")]
     return workflow(nodes, edges, name="fan-out")
+
+
+def templated() -> dict[str, Any]:
+    """Subject -> template "${subject} in ${style} style" (style defaults to watercolor,
+    negative prompt "blurry") -> sandbox 64x64 -> output."""
+    return workflow(
+        [
+            node(
+                "tpl",
+                "prompt:template",
+                template="${subject} in ${style} style",
+                negativePrompt="blurry",
+                variables={"style": "watercolor"},
+            ),
+            node("subject", "input:text", "Subject"),
+            node("gen", "generate:sandbox", width=64, height=64),
+            node("out", "output:image"),
+        ],
+        [
+            edge("subject", "text", "tpl", "subject"),
+            edge("tpl", "text", "gen", "prompt"),
+            edge("tpl", "negativePrompt", "gen", "negativePrompt"),
+            edge("gen", "image", "out", "image"),
+        ],
+        name="template",
+    )

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from imagegraph.runtime import Runtime
 from imagegraph.settings import Settings
 from imagegraph.store.tables import webhook_deliveries
-from tests.builders import edge, linear, node, workflow
+from tests.builders import edge, linear, node, templated, workflow
 from tests.clients import api_client, started_runtime
 
 pytestmark = pytest.mark.asyncio
@@ -31,29 +31,10 @@ async def _workflow(client: httpx.AsyncClient, doc: dict[str, Any] | None = None
     return str(response.json()["id"])
 
 
-def _template_workflow() -> dict[str, Any]:
-    """Template with ${subject} and ${style} -> sandbox -> output."""
-    return workflow(
-        [
-            node(
-                "tpl",
-                "prompt:template",
-                template="${subject} in ${style} style",
-                negativePrompt="blurry",
-                variables={"style": "watercolor"},
-            ),
-            node("subject", "input:text", "Subject"),
-            node("gen", "generate:sandbox", width=64, height=64),
-            node("out", "output:image"),
-        ],
-        [
-            edge("subject", "text", "tpl", "subject"),
-            edge("tpl", "text", "gen", "prompt"),
-            edge("tpl", "negativePrompt", "gen", "negativePrompt"),
-            edge("gen", "image", "out", "image"),
-        ],
-        name="template",
-    )
+def _variant(name: str, template: str | None = None) -> dict[str, Any]:
+    """A prompt variant that replaces the template node's template (or changes nothing)."""
+    nodes = [] if template is None else [{"id": "tpl", "data": {"params": {"template": template}}}]
+    return {"name": name, "nodes": nodes}
 
 
 async def _wait(client: httpx.AsyncClient, batch_id: str, timeout: float = 30) -> dict[str, Any]:
@@ -212,7 +193,7 @@ async def test_runs_per_item_make_variants_with_consecutive_seeds(
 async def test_csv_upload_fills_template_variables_and_negative_library(
     client: httpx.AsyncClient,
 ) -> None:
-    workflow_id = await _workflow(client, _template_workflow())
+    workflow_id = await _workflow(client, templated())
     put = await client.put("/api/v1/negative-prompts/clean", json={"text": "watermark, text"})
     assert put.status_code == 201
     csv_text = "Subject,style\na lighthouse,ink\na harbour,oil\n"
@@ -243,7 +224,7 @@ async def test_csv_upload_fills_template_variables_and_negative_library(
 async def test_bad_files_are_refused_naming_the_line_and_nothing_is_queued(
     client: httpx.AsyncClient, content: bytes, needle: str
 ) -> None:
-    workflow_id = await _workflow(client, _template_workflow())
+    workflow_id = await _workflow(client, templated())
     response = await client.post(
         "/api/v1/batches",
         files={"file": ("items.csv", content, "text/csv")},
@@ -370,31 +351,15 @@ async def test_review_manifest_export_and_zip(
 async def test_variants_run_the_same_items_with_the_same_seeds(
     client: httpx.AsyncClient,
 ) -> None:
-    workflow_id = await _workflow(client, _template_workflow())
+    workflow_id = await _workflow(client, templated())
     response = await client.post(
         "/api/v1/batches",
         json={
             "workflowId": workflow_id,
             "items": [{"Subject": "a fox"}, {"Subject": "a crow"}],
             "variants": [
-                {
-                    "name": "A",
-                    "nodes": [
-                        {
-                            "id": "tpl",
-                            "data": {"params": {"template": "${subject}, ${style} photo"}},
-                        }
-                    ],
-                },
-                {
-                    "name": "B",
-                    "nodes": [
-                        {
-                            "id": "tpl",
-                            "data": {"params": {"template": "${subject}, ${style} sketch"}},
-                        }
-                    ],
-                },
+                _variant("A", "${subject}, ${style} photo"),
+                _variant("B", "${subject}, ${style} sketch"),
             ],
         },
     )
@@ -502,23 +467,15 @@ async def test_manifest_flags_near_duplicate_outputs_across_items(
 async def test_a_variant_may_use_a_column_the_saved_template_does_not(
     client: httpx.AsyncClient,
 ) -> None:
-    workflow_id = await _workflow(client, _template_workflow())
+    workflow_id = await _workflow(client, templated())
     response = await client.post(
         "/api/v1/batches",
         json={
             "workflowId": workflow_id,
             "items": [{"Subject": "a fox", "mood": "misty"}],
             "variants": [
-                {"name": "plain", "nodes": []},
-                {
-                    "name": "moody",
-                    "nodes": [
-                        {
-                            "id": "tpl",
-                            "data": {"params": {"template": "${subject}, ${mood}, ${style}"}},
-                        }
-                    ],
-                },
+                _variant("plain"),
+                _variant("moody", "${subject}, ${mood}, ${style}"),
             ],
         },
     )

@@ -28,7 +28,7 @@ from imagegraph.client import (
 )
 from imagegraph.graph.model import parse_workflow
 from imagegraph.runtime import Runtime
-from tests.builders import edge, linear, node, workflow
+from tests.builders import edge, linear, node, templated, workflow
 from tests.e2e.server import ServerProcess
 
 
@@ -70,31 +70,6 @@ def cropping() -> dict[str, Any]:
     )
 
 
-def template() -> dict[str, Any]:
-    """Template with ${subject} and ${style} -> sandbox -> output."""
-    return workflow(
-        [
-            node(
-                "tpl",
-                "prompt:template",
-                template="${subject} in ${style} style",
-                negativePrompt="blurry",
-                variables={"style": "watercolor"},
-            ),
-            node("subject", "input:text", "Subject"),
-            node("gen", "generate:sandbox", width=64, height=64),
-            node("out", "output:image"),
-        ],
-        [
-            edge("subject", "text", "tpl", "subject"),
-            edge("tpl", "text", "gen", "prompt"),
-            edge("tpl", "negativePrompt", "gen", "negativePrompt"),
-            edge("gen", "image", "out", "image"),
-        ],
-        name="template",
-    )
-
-
 async def test_inline_items_progress_pages_and_seeds(api: AsyncClient) -> None:
     wf = await api.create_workflow(linear(seed=None, size=64))
     created = await api.create_batch(
@@ -133,7 +108,7 @@ async def test_inline_items_progress_pages_and_seeds(api: AsyncClient) -> None:
 async def test_a_file_upload_and_its_line_numbered_refusal(
     api: AsyncClient, runtime: Runtime, tmp_path: Path
 ) -> None:
-    wf = await api.create_workflow(template())
+    wf = await api.create_workflow(templated())
     good = tmp_path / "items.csv"
     good.write_text("Subject,style\na lighthouse,ink\na harbour,oil\n")
     created = await api.create_batch(wf.id, file=good, concurrency=1)
@@ -229,8 +204,8 @@ async def test_a_manifest_entry_run_again_makes_the_same_image(
     ) as raw:
         put = await raw.put("/api/v1/negative-prompts/clean", json={"text": "watermark"})
         assert put.status_code == 201
-    wf = await api.create_workflow(template())
-    await api.update_workflow(wf.id, {**template(), "description": "the second version"})
+    wf = await api.create_workflow(templated())
+    await api.update_workflow(wf.id, {**templated(), "description": "the second version"})
     created = await api.create_batch(
         wf.id,
         [{"Subject": "a fox", "gen.steps": 5}, {"Subject": "a crow", "style": "ink"}],
