@@ -89,7 +89,7 @@ class Config:
 
     @classmethod
     def small(cls) -> Config:
-        return cls(True, 200, 50, 100, 1000, 20, 200)
+        return cls(True, 100, 50, 100, 400, 20, 100)
 
     def ideal_s(self, items: int, delay_ms: int) -> float:
         return items / self.concurrency * delay_ms / 1000
