@@ -48,6 +48,27 @@ async def _wait(client: httpx.AsyncClient, batch_id: str, timeout: float = 30) -
         await asyncio.sleep(0.05)
 
 
+async def _started(
+    client: httpx.AsyncClient, delay_ms: int, items: int, concurrency: int
+) -> tuple[str, str]:
+    """A batch of a slow workflow, once `concurrency` of its items run: (workflow, batch)."""
+    workflow_id = await _workflow(client, linear(seed=None, size=64, delay_ms=delay_ms))
+    response = await client.post(
+        "/api/v1/batches",
+        json={
+            "workflowId": workflow_id,
+            "items": [{"Prompt": f"p{i}"} for i in range(items)],
+            "concurrency": concurrency,
+        },
+    )
+    batch_id: str = response.json()["batchId"]
+    while (await client.get(f"/api/v1/batches/{batch_id}")).json()["counts"][
+        "running"
+    ] < concurrency:
+        await asyncio.sleep(0.02)
+    return workflow_id, batch_id
+
+
 async def _items(client: httpx.AsyncClient, batch_id: str, **params: Any) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     cursor = None
@@ -264,18 +285,7 @@ async def test_a_bad_value_names_its_item_and_node(client: httpx.AsyncClient) ->
 
 
 async def test_cancel_stops_pending_and_running_items(client: httpx.AsyncClient) -> None:
-    workflow_id = await _workflow(client, linear(seed=None, size=64, delay_ms=2000))
-    response = await client.post(
-        "/api/v1/batches",
-        json={
-            "workflowId": workflow_id,
-            "items": [{"Prompt": f"p{i}"} for i in range(10)],
-            "concurrency": 2,
-        },
-    )
-    batch_id = response.json()["batchId"]
-    while (await client.get(f"/api/v1/batches/{batch_id}")).json()["counts"]["running"] < 2:
-        await asyncio.sleep(0.02)
+    _, batch_id = await _started(client, delay_ms=2000, items=10, concurrency=2)
     cancelled = await client.post(f"/api/v1/batches/{batch_id}/cancel")
     assert cancelled.status_code == 200
     body = cancelled.json()
@@ -580,18 +590,7 @@ async def test_a_10000_line_file_is_accepted_in_one_request_and_cancelled_mid_ba
 async def test_a_batch_runs_its_pinned_version_to_the_end_if_the_workflow_is_deleted(
     client: httpx.AsyncClient,
 ) -> None:
-    workflow_id = await _workflow(client, linear(seed=None, size=64, delay_ms=300))
-    response = await client.post(
-        "/api/v1/batches",
-        json={
-            "workflowId": workflow_id,
-            "items": [{"Prompt": f"p{i}"} for i in range(6)],
-            "concurrency": 2,
-        },
-    )
-    batch_id = response.json()["batchId"]
-    while (await client.get(f"/api/v1/batches/{batch_id}")).json()["counts"]["running"] < 2:
-        await asyncio.sleep(0.02)
+    workflow_id, batch_id = await _started(client, delay_ms=300, items=6, concurrency=2)
     assert (await client.delete(f"/api/v1/workflows/{workflow_id}")).status_code == 204
     body = await _wait(client, batch_id)
     assert body["status"] == "COMPLETED"
