@@ -484,7 +484,7 @@ async def _stale_regeneration(runtime: Runtime) -> None:
     plan = validate_workflow(doc, runtime.registry)
     now = datetime.now(UTC)
     lease = Lease(owner, 30, 10)
-    _, claims = transitions.create_execution(
+    _, claims, _ = transitions.create_execution(
         runtime.db,
         execution_id="exec_stale",
         workspace_id=DEFAULT_WORKSPACE,

@@ -18,6 +18,7 @@ from tests.builders import linear
 
 OWNER = "host:1:test"
 TEXT = {"text": {"type": "text", "value": "a fox"}}
+IMAGE = {"image": {"type": "text", "value": "stands in for an image"}}
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
 def queue(runtime: Runtime, execution_id: str) -> tuple[Plan, transitions.Claim]:
     doc = parse_workflow(linear())
     plan = validate_workflow(doc, runtime.registry)
-    _, claims = transitions.create_execution(
+    _, claims, _ = transitions.create_execution(
         runtime.db,
         execution_id=execution_id,
         workspace_id="ws_default",
@@ -44,8 +45,40 @@ def queue(runtime: Runtime, execution_id: str) -> tuple[Plan, transitions.Claim]
         now=datetime.now(UTC),
         lease=Lease(OWNER, 30, 10),
     )
-    [claim] = claims
+    [claim] = claims  # the generator: the prompt was settled as the execution was created
     return plan, claim
+
+
+async def test_a_source_whose_outputs_follow_from_its_params_is_settled_at_creation(
+    runtime: Runtime,
+) -> None:
+    plan, claim = queue(runtime, "exec_a")
+    assert (claim.node_id, claim.attempt) == ("gen", 1)
+    prompt = {"text": {"type": "text", "value": "a red fox in the snow"}}
+    assert queries.load_outputs(runtime.db, "exec_a", ["prompt", "gen"]) == {
+        "prompt": prompt,
+        "gen": None,
+    }
+    recorded = [(e.type, e.node_id) for e in queries.load_events(runtime.db, "exec_a")]
+    assert recorded == [
+        ("execution.queued", None),
+        ("execution.started", None),
+        ("node.started", "prompt"),
+        ("node.succeeded", "prompt"),
+        ("node.started", "gen"),
+    ]
+    # Two node runs left: finishing the generator and the output ends the execution.
+    [done] = transitions.complete_many(
+        runtime.db,
+        OWNER,
+        [Finished(claim, plan, Success(IMAGE, 1.0), Lease(OWNER, 30, 1))],
+        datetime.now(UTC),
+    )
+    [out] = done.claims
+    [ended] = transitions.complete_many(
+        runtime.db, OWNER, [Finished(out, plan, Success({}, 1.0))], datetime.now(UTC)
+    )
+    assert ended.finished is not None and ended.finished.value == "COMPLETED"
 
 
 async def test_a_batch_records_each_outcome_and_claims_successors(runtime: Runtime) -> None:
@@ -55,19 +88,19 @@ async def test_a_batch_records_each_outcome_and_claims_successors(runtime: Runti
         runtime.db,
         OWNER,
         [
-            Finished(claim_a, plan_a, Success(TEXT, 1.0), Lease(OWNER, 30, 1)),
-            Finished(claim_b, plan_b, Success(TEXT, 1.0), Lease(OWNER, 30, 1)),
+            Finished(claim_a, plan_a, Success(IMAGE, 1.0), Lease(OWNER, 30, 1)),
+            Finished(claim_b, plan_b, Success(IMAGE, 1.0), Lease(OWNER, 30, 1)),
         ],
         datetime.now(UTC),
     )
     assert [c.accepted for c in completions] == [True, True]
-    assert [[x.node_id for x in c.claims] for c in completions] == [["gen"], ["gen"]]
+    assert [[x.node_id for x in c.claims] for c in completions] == [["out"], ["out"]]
     for completion, execution_id in zip(completions, ["exec_a", "exec_b"], strict=True):
         assert {e.execution_id for e in completion.events} == {execution_id}
         assert [e.type for e in completion.events] == ["node.succeeded", "node.started"]
     recorded = [e.type for e in queries.load_events(runtime.db, "exec_a")]
-    assert recorded.count("node.succeeded") == 1  # each event stored once
-    assert recorded.count("node.started") == 2
+    assert recorded.count("node.succeeded") == 2  # each event stored once (and the prompt's)
+    assert recorded.count("node.started") == 3
 
 
 async def test_a_stale_run_in_a_batch_changes_nothing_and_spares_the_others(
@@ -88,8 +121,8 @@ async def test_a_stale_run_in_a_batch_changes_nothing_and_spares_the_others(
     assert [c.accepted for c in completions] == [True, False]
     assert completions[1].events == []
     assert queries.execution_status(runtime.db, "ws_default", "exec_b").value == "CANCELLED"  # type: ignore[union-attr]
-    types_b = [e.type for e in queries.load_events(runtime.db, "exec_b")]
-    assert "node.succeeded" not in types_b
+    events_b = [(e.type, e.node_id) for e in queries.load_events(runtime.db, "exec_b")]
+    assert ("node.succeeded", "gen") not in events_b
 
 
 async def test_a_lease_held_by_another_worker_is_not_ours_to_complete(runtime: Runtime) -> None:
@@ -101,8 +134,8 @@ async def test_a_lease_held_by_another_worker_is_not_ours_to_complete(runtime: R
         datetime.now(UTC),
     )
     assert completion.accepted is False
-    outputs = queries.load_outputs(runtime.db, "exec_a", ["prompt"])
-    assert outputs == {"prompt": None}
+    outputs = queries.load_outputs(runtime.db, "exec_a", ["gen"])
+    assert outputs == {"gen": None}
 
 
 async def test_an_earlier_attempt_cannot_record_over_a_later_one(runtime: Runtime) -> None:
@@ -120,4 +153,4 @@ async def test_an_earlier_attempt_cannot_record_over_a_later_one(runtime: Runtim
         runtime.db, OWNER, [Finished(second, plan, Success(TEXT, 1.0))], datetime.now(UTC)
     )
     assert (stale.accepted, current.accepted) == (False, True)
-    assert queries.load_outputs(runtime.db, "exec_a", ["prompt"]) == {"prompt": TEXT}
+    assert queries.load_outputs(runtime.db, "exec_a", ["gen"]) == {"gen": TEXT}

@@ -86,6 +86,7 @@ class _Dispatched:
     events: list[Event] = field(default_factory=list)
     claims: list[Claim] = field(default_factory=list)
     started: int = 0
+    backlog: int = 0  # runnable runs the lease had no room for
 
 
 class Batches:
@@ -337,7 +338,7 @@ class Batches:
                     by_execution.setdefault(claim.execution_id, []).append(claim)
                 for execution_id, claims in by_execution.items():
                     worker.adopt(claims, plans[execution_id], prepared.workspace_id, prepared.mode)
-                if len(done.claims) < wanted:
+                if len(done.claims) < wanted or done.backlog:
                     worker.note_backlog()
             if done.started + len(invalid) < len(rows):
                 return
@@ -415,6 +416,7 @@ def _dispatch(
         store.count_started(conn, batch_id, done.started, failed, now)
         done.events = txn.flush()
         done.claims = txn.claims
+        done.backlog = txn.backlog
     return done
 
 

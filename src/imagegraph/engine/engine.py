@@ -145,7 +145,7 @@ class Engine:
         worker = self.worker
         lease = worker.reserve(len(plan.sources)) if worker is not None else None
         try:
-            events, claims = await self.db.run(
+            events, claims, backlog = await self.db.run(
                 transitions.create_execution,
                 self.db,
                 execution_id=execution_id,
@@ -173,10 +173,11 @@ class Engine:
                 worker.release(lease)
         self.bus.publish(events)
         if worker is not None:
-            # Source nodes were claimed in the same transaction: start them now, with the plan
-            # already in hand; anything not claimed here the claim loop picks up.
+            # Source nodes (or the runs settled sources feed) were claimed in the same
+            # transaction: start them now, with the plan already in hand; anything not
+            # claimed here the claim loop picks up.
             worker.adopt(claims, plan, workspace_id, mode)
-            if not claims:
+            if not claims or backlog:
                 worker.note_backlog()
         return execution_id
 

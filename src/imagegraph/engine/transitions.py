@@ -37,6 +37,7 @@ from imagegraph.engine.events import Event
 from imagegraph.engine.states import TERMINAL_EXECUTION, TERMINAL_RUN, ExecutionStatus, RunState
 from imagegraph.errors import Conflict, NotFound
 from imagegraph.graph.plan import Plan, PlanNode
+from imagegraph.nodes.values import encode_value
 from imagegraph.store import batches as batch_store
 from imagegraph.store import webhooks as webhook_store
 from imagegraph.store.db import Database
@@ -131,6 +132,8 @@ class Txn:
         self.lease = lease
         self.rows: list[dict[str, Any]] = []
         self.claims: list[Claim] = []
+        # Runs made runnable that the lease had no room for: the claim loop takes them.
+        self.backlog = 0
 
     def event(self, execution_id: str, type_: str, node_id: str | None = None, **data: Any) -> None:
         self.rows.append(
@@ -229,9 +232,10 @@ def create_execution(
     webhook_url: str | None = None,
     idempotency: IdempotentResponse | None = None,
     lease: Lease | None = None,
-) -> tuple[list[Event], list[Claim]]:
+) -> tuple[list[Event], list[Claim], int]:
     """Record a new execution and its node runs. Source nodes are runnable at once, and
     claimed right here for `lease.owner` when it has room (saving a claim transaction).
+    Returns the events, the claims, and how many runnable runs were left for the claim loop.
 
     Raises IntegrityError (changing nothing) when `idempotency.key` was claimed already,
     and InsufficientCredits when the workspace cannot cover `prices`.
@@ -266,12 +270,14 @@ def create_execution(
             )
         txn = Txn(conn, now, lease)
         add_execution(txn, spec)
-        return txn.flush(), txn.claims
+        return txn.flush(), txn.claims, txn.backlog
 
 
 def add_execution(txn: Txn, spec: NewExecution) -> None:
     """Record `spec` in the caller's transaction; its source nodes are claimed for
-    `txn.lease` when the lease has room for all of them.
+    `txn.lease` when the lease has room for all of them. Then source nodes whose outputs
+    follow from their params (`Node.settled_outputs`) are recorded as succeeded right here,
+    and the runs they feed are claimed in their place: one node run less to schedule.
 
     Raises InsufficientCredits, having written nothing, when the workspace cannot cover
     the execution's price."""
@@ -280,6 +286,7 @@ def add_execution(txn: Txn, spec: NewExecution) -> None:
     lease = txn.lease
     claiming = lease is not None and lease.limit - len(txn.claims) >= len(sources)
     status = ExecutionStatus.RUNNING if claiming else ExecutionStatus.QUEUED
+    settled = _settled_sources(plan) if claiming else {}
     prices = spec.prices
     total = round(sum(prices.values()), 6)
     execution_id = spec.execution_id
@@ -298,7 +305,7 @@ def add_execution(txn: Txn, spec: NewExecution) -> None:
             "graph": spec.graph,
             "inputs": spec.inputs,
             "node_count": len(plan.nodes),
-            "remaining": len(plan.nodes),
+            "remaining": len(plan.nodes) - len(settled),
             "credits": 0.0,
             "credits_held": total,
             "created_at": now,
@@ -310,14 +317,7 @@ def add_execution(txn: Txn, spec: NewExecution) -> None:
     sql.INSERT_RUNS.execute(
         conn,
         [
-            {
-                "execution_id": execution_id,
-                "node_id": node_id,
-                "node_type": plan.nodes[node_id].type,
-                "state": (RunState.QUEUED if node_id in sources else RunState.PENDING).value,
-                "next_attempt_at": now if node_id in sources else None,
-                "price": prices.get(node_id, 0.0),
-            }
+            _new_run(execution_id, plan.nodes[node_id], node_id in sources, settled, now, prices)
             for node_id in plan.order
         ],
     )
@@ -328,11 +328,73 @@ def add_execution(txn: Txn, spec: NewExecution) -> None:
         workflowId=spec.workflow_id,
         workflowVersion=spec.workflow_version,
     )
-    if claiming:
-        txn.event(execution_id, "execution.started", status=ExecutionStatus.RUNNING.value)
-        for node_id in plan.order:
-            if node_id in sources:
-                txn.try_claim(execution_id, node_id)
+    if not claiming:
+        return
+    txn.event(execution_id, "execution.started", status=ExecutionStatus.RUNNING.value)
+    for node_id in plan.order:
+        if node_id in sources and node_id not in settled:
+            txn.try_claim(execution_id, node_id)
+    if not settled:
+        return
+    for node_id, outputs in settled.items():
+        node_type = plan.nodes[node_id].type
+        txn.event(execution_id, "node.started", node_id, nodeType=node_type, attempt=1)
+        txn.event(
+            execution_id,
+            "node.succeeded",
+            node_id,
+            nodeType=node_type,
+            attempt=1,
+            durationMs=0.0,
+            cached=False,
+            credits=0.0,
+            outputs=_brief(outputs),
+        )
+    states: RunStates = {node_id: (RunState.SUCCEEDED, out) for node_id, out in settled.items()}
+    _, skipped = _settle_successors(txn, plan, execution_id, states)
+    if skipped:
+        _count_down(txn, execution_id, skipped, 0.0)
+
+
+def _settled_sources(plan: Plan) -> dict[str, dict[str, Any]]:
+    """The encoded outputs of the source nodes that are settled when their execution is
+    created; none when that would settle every node (an execution ends in a completion)."""
+    settled: dict[str, dict[str, Any]] = {}
+    for node_id in plan.sources:
+        pnode = plan.nodes[node_id]
+        outputs = pnode.node.settled_outputs(pnode.params)
+        if outputs is not None:
+            settled[node_id] = {port: encode_value(value) for port, value in outputs.items()}
+    return settled if len(settled) < len(plan.nodes) else {}
+
+
+def _new_run(
+    execution_id: str,
+    pnode: PlanNode,
+    source: bool,
+    settled: Mapping[str, Mapping[str, Any]],
+    now: datetime,
+    prices: Mapping[str, float],
+) -> dict[str, Any]:
+    """A node run row of a new execution (every row has the same keys: one statement)."""
+    outputs = settled.get(pnode.id)
+    done = outputs is not None
+    waiting = RunState.QUEUED if source else RunState.PENDING
+    state = RunState.SUCCEEDED if done else waiting
+    return {
+        "execution_id": execution_id,
+        "node_id": pnode.id,
+        "node_type": pnode.type,
+        "state": state.value,
+        "attempt": 1 if done else 0,
+        "next_attempt_at": now if source and not done else None,
+        "started_at": now if done else None,
+        "finished_at": now if done else None,
+        "duration_ms": 0.0 if done else None,
+        "outputs": dict(outputs) if outputs is not None else None,
+        "progress": 1.0 if done else None,
+        "price": prices.get(pnode.id, 0.0),
+    }
 
 
 def _hold(conn: Connection, workspace_id: str, amount: float) -> None:
@@ -745,10 +807,10 @@ def _settle_successors(
             decided.add(succ_id)
             decision, detail = decide(succ, preds)
             if decision is RunState.QUEUED:
-                if not txn.try_claim(execution_id, succ_id) and not _settle(
-                    txn, execution_id, succ_id, decision, next_at=txn.now
-                ):
-                    continue
+                if not txn.try_claim(execution_id, succ_id):
+                    if not _settle(txn, execution_id, succ_id, decision, next_at=txn.now):
+                        continue
+                    txn.backlog += 1
                 queued += 1
                 continue
             error = detail if decision is RunState.FAILED else None

@@ -13,6 +13,7 @@ recent outputs, decoded images) only saves work.
 from __future__ import annotations
 
 import asyncio
+import functools
 import contextlib
 import logging
 import os
@@ -211,6 +212,16 @@ class Worker:
                 self._executions.put(claim.execution_id, _Execution(plan, workspace_id, mode))
             task = asyncio.create_task(self._execute(claim), name=f"node-run-{claim.run_id}")
             self._inflight[claim.run_id] = _InFlight(claim, task)
+            # Not in `_execute`'s `finally`: a task cancelled before its first step never
+            # enters its body.
+            task.add_done_callback(functools.partial(self._ended, claim.run_id))
+
+    def _ended(self, run_id: int, task: asyncio.Task[None]) -> None:
+        flight = self._inflight.get(run_id)
+        if flight is not None and flight.task is task:  # not a new attempt's
+            del self._inflight[run_id]
+        if self._backlog:
+            self._wake.set()
 
     def cancel_local(self, execution_id: str) -> None:
         """Interrupt this worker's running nodes of an execution (already CANCELLED in the DB)."""
@@ -344,10 +355,6 @@ class Worker:
             log.exception(
                 "node run %s of %s could not be recorded", claim.node_id, claim.execution_id
             )
-        finally:
-            self._inflight.pop(claim.run_id, None)
-            if self._backlog:
-                self._wake.set()
 
     async def _record(self, finished: Finished, values: Mapping[str, Any] | None) -> Completion:
         """Record an outcome together with the others that arrive in the same turn of the
@@ -439,7 +446,7 @@ class Worker:
         key: str | None = None
         try:
             params, params_json = _adjusted(pnode, claim.adjust)
-            inputs = await self._inputs(claim.execution_id, pnode)
+            inputs = await self._inputs(claim.execution_id, execution.plan, pnode)
             if node.is_cacheable(params, inputs):
                 key = cache_key(
                     execution.workspace_id, node.type, node.version, params_json, inputs
@@ -598,12 +605,16 @@ class Worker:
         )
         return random.uniform(0, ceiling)
 
-    async def _inputs(self, execution_id: str, pnode: PlanNode) -> dict[str, Any]:
+    async def _inputs(self, execution_id: str, plan: Plan, pnode: PlanNode) -> dict[str, Any]:
         outputs: dict[str, Mapping[str, Any]] = {}
         missing = []
         remembered = self._outputs.get(execution_id) or {}
         for pred in pnode.predecessors:
             known = remembered.get(pred)
+            if known is None:
+                # Outputs that follow from params alone need no reading back.
+                source = plan.nodes[pred]
+                known = source.node.settled_outputs(source.params)
             if known is None:
                 missing.append(pred)
             else:

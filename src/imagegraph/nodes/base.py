@@ -259,6 +259,12 @@ class Node(ABC, Generic[P]):
         """The model a generation runs on (usage is reported by model); None otherwise."""
         return None
 
+    def settled_outputs(self, params: P) -> Outputs | None:
+        """The outputs, when they follow from the params alone (no inputs, no I/O, nothing
+        to pay): the run is then recorded as succeeded in the transaction that creates the
+        execution, and its successors start at once. None: the node runs as usual."""
+        return None
+
     def unavailable(self) -> str | None:
         """Why this node type cannot run on this server (a missing optional dependency),
         checked before an execution is queued; None when it can."""

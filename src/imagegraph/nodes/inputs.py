@@ -32,8 +32,11 @@ class InputText(Node[TextParams]):
     outputs = (OutputPort("text", PortType.TEXT),)
     input_param = "text"
 
-    async def run(self, ctx: NodeContext, params: TextParams, inputs: Inputs) -> Outputs:
+    def settled_outputs(self, params: TextParams) -> Outputs:
         return {"text": params.text}
+
+    async def run(self, ctx: NodeContext, params: TextParams, inputs: Inputs) -> Outputs:
+        return self.settled_outputs(params)
 
 
 class NumberParams(NodeParams):
@@ -58,9 +61,12 @@ class InputNumber(Node[NumberParams]):
     outputs = (OutputPort("number", PortType.NUMBER),)
     input_param = "value"
 
-    async def run(self, ctx: NodeContext, params: NumberParams, inputs: Inputs) -> Outputs:
+    def settled_outputs(self, params: NumberParams) -> Outputs:
         value: float | int = int(params.value) if params.value.is_integer() else params.value
         return {"number": value}
+
+    async def run(self, ctx: NodeContext, params: NumberParams, inputs: Inputs) -> Outputs:
+        return self.settled_outputs(params)
 
 
 class ImageParams(NodeParams):

@@ -153,14 +153,29 @@ def next_items(
     """The batch, and up to `limit` of its pending items that run themselves (not
     duplicates), in order; fewer when the batch has fewer free slots."""
     with db.read() as conn:
-        batch = conn.execute(select(batches).where(B.id == batch_id)).first()
+        batch = _BATCH.execute(conn, {"b_id": batch_id}).first()
         if batch is None or batch.status != BatchStatus.RUNNING.value:
-            return (None if batch is None else batch._mapping), []
+            return (None if batch is None else batch._asdict()), []
         free = min(limit, batch.concurrency - batch.running)
         if free <= 0:
-            return batch._mapping, []
+            return batch._asdict(), []
         rows = _NEXT.execute(conn, {"b_batch": batch_id, "b_limit": free}).all()
-    return batch._mapping, [r._asdict() for r in rows]
+    return batch._asdict(), [r._asdict() for r in rows]
+
+
+# Run for every item a batch starts or ends: prepared (see `Prepared`).
+_BATCH = Prepared(select(batches).where(B.id == bindparam("b_id")))
+_LOCK_BATCH = Prepared(select(batches).where(B.id == bindparam("b_id")).with_for_update())
+_COUNT_STARTED = Prepared(
+    update(batches)
+    .where(B.id == bindparam("b_id"))
+    .values(
+        pending=B.pending - bindparam("b_started") - bindparam("b_failed"),
+        running=B.running + bindparam("b_started"),
+        failed=B.failed + bindparam("b_failed"),
+        started_at=func.coalesce(B.started_at, bindparam("b_now")),
+    )
+)
 
 
 _NEXT = Prepared(
@@ -178,7 +193,7 @@ _NEXT = Prepared(
 def lock_batch(conn: Connection, batch_id: str) -> Any:
     """The batch row, locked until the transaction ends (PostgreSQL; SQLite writers are
     serialized anyway), so two dispatchers never overfill its concurrency."""
-    return conn.execute(select(batches).where(B.id == batch_id).with_for_update()).first()
+    return _LOCK_BATCH.execute(conn, {"b_id": batch_id}).first()
 
 
 def start_item(conn: Connection, item_id: int, execution_id: str, now: datetime) -> bool:
@@ -219,15 +234,8 @@ def fail_item(
 def count_started(
     conn: Connection, batch_id: str, started: int, failed: int, now: datetime
 ) -> None:
-    conn.execute(
-        update(batches)
-        .where(B.id == batch_id)
-        .values(
-            pending=B.pending - started - failed,
-            running=B.running + started,
-            failed=B.failed + failed,
-            started_at=func.coalesce(B.started_at, now),
-        )
+    _COUNT_STARTED.execute(
+        conn, {"b_id": batch_id, "b_started": started, "b_failed": failed, "b_now": now}
     )
     if failed:
         _maybe_finish(conn, batch_id, now)
