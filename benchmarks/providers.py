@@ -9,8 +9,9 @@ for more node runs than that, so the cap, not the worker, is the limit. Each exe
 input:text -> generate:flux_dev 256x256 -> output:image with a prompt no other execution
 uses, so the node output cache never answers; all of them are submitted at once.
 
-(direct) the baseline: the same fal jobs made by `FalAdapter` in this process under a plain
-    semaphore of `cap` (submit, watch the status stream, download), no engine;
+(direct) the baseline: the same fal jobs made by the server's `FalAdapter` (from a
+    `ProviderHub`, so the same HTTP clients and result downloads) in this process under a
+    plain semaphore of `cap` (submit, watch the status stream, download), no engine;
 (clean) `executions` executions against the ideal wall time ceil(executions / cap) x
     latency, with the most jobs the fake saw in flight at once (the cap respected, and
     reached) and where the time between the ideal and the measured wall went;
@@ -47,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx
 
 # Run as a script, this directory is on the path, not the checkout's `benchmarks` package.
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
@@ -78,9 +78,8 @@ from benchmarks.orchestration import (
 )
 
 from imagegraph.catalog import load_catalog
-from imagegraph.providers.base import ProviderConfig, Request, Result
-from imagegraph.providers.fal import FalAdapter
-from imagegraph.providers.hub import KEY_VARIABLES
+from imagegraph.providers.base import Request, Result
+from imagegraph.providers.hub import KEY_VARIABLES, ProviderHub
 from imagegraph.settings import Settings
 from imagegraph.testing.fakes.fal import FalFake
 from imagegraph.testing.fakes.server import Fault
@@ -451,9 +450,18 @@ async def direct_phase(cfg: Config, prompts: Prompts) -> dict[str, Any]:
     size = cfg.image_size
     fal = BenchFal(latency=cfg.latency)
     with fal:
-        limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
-        async with httpx.AsyncClient(timeout=60, limits=limits, trust_env=False) as http:
-            adapter = FalAdapter(ProviderConfig("fal", fal.api_key, fal.url), http)
+        # The server's own HTTP setup (clients, pools, result downloads), without the engine.
+        hub = ProviderHub(
+            Settings.model_validate(
+                {
+                    "data_dir": tempfile.gettempdir(),
+                    "fal_api_key": fal.api_key,
+                    "fal_base_url": fal.url,
+                }
+            )
+        )
+        try:
+            adapter = hub.adapter("fal")
             gate = asyncio.Semaphore(cfg.cap)
 
             async def one(prompt: str) -> float:
@@ -469,7 +477,7 @@ async def direct_phase(cfg: Config, prompts: Prompts) -> dict[str, Any]:
                         outcome = await adapter.watch(job, WATCH_SECONDS)
                 for image in outcome.images:  # as the node: downloaded once the slot is free
                     assert image.url is not None
-                    (await http.get(image.url)).raise_for_status()
+                    await hub.download("fal", image.url)
                 return (time.perf_counter() - started) * 1000
 
             await one(prompts.next())  # warm-up: connections, imports
@@ -482,6 +490,8 @@ async def direct_phase(cfg: Config, prompts: Prompts) -> dict[str, Any]:
             latencies = await asyncio.gather(*(one(prompts.next()) for _ in range(cfg.executions)))
             wall = time.perf_counter() - started
             peak = fal.peak_in_flight(since)
+        finally:
+            await hub.aclose()
     progress(f"direct: wall {wall:.2f} s, peak in flight {peak}")
     return {
         "jobs": cfg.executions,

@@ -78,7 +78,8 @@ async def test_a_source_whose_outputs_follow_from_its_params_is_settled_at_creat
     [ended] = transitions.complete_many(
         runtime.db, OWNER, [Finished(out, plan, Success({}, 1.0))], datetime.now(UTC)
     )
-    assert ended.finished is not None and ended.finished.value == "COMPLETED"
+    assert ended.finished is not None
+    assert ended.finished.value == "COMPLETED"
 
 
 async def test_a_batch_records_each_outcome_and_claims_successors(runtime: Runtime) -> None:

@@ -13,8 +13,8 @@ recent outputs, decoded images) only saves work.
 from __future__ import annotations
 
 import asyncio
-import functools
 import contextlib
+import functools
 import logging
 import os
 import random

@@ -26,6 +26,7 @@ from imagegraph.providers.resilience import (
     CircuitBreaker,
     RetryBudget,
 )
+from imagegraph.providers.transport import ShardedTransport
 from imagegraph.settings import Settings
 
 # Provider name -> where its adapter lives. Imported on first use.
@@ -47,6 +48,9 @@ KEY_VARIABLES: Mapping[str, tuple[str, str]] = {
     "gemini": ("IMAGEGRAPH_GEMINI_API_KEY", "GEMINI_API_KEY"),
 }
 MAX_RESULT_BYTES = 64 * 1024 * 1024
+# Connection pools per provider client (see `ShardedTransport`): each holds a few of the
+# connections a provider's concurrency limit keeps open.
+POOL_SHARDS = 8
 
 
 class NoRoute(Exception):
@@ -174,10 +178,10 @@ class ProviderHub:
         client = self._clients.get(provider)
         if client is None:
             timeout = httpx.Timeout(self.settings.provider_timeout_seconds, connect=10.0)
-            limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
-            client = httpx.AsyncClient(
-                timeout=timeout, limits=limits, transport=self._transport, trust_env=False
+            transport = self._transport or ShardedTransport(
+                POOL_SHARDS, max_connections=200, max_keepalive=50
             )
+            client = httpx.AsyncClient(timeout=timeout, transport=transport, trust_env=False)
             self._clients[provider] = client
         return client
 
