@@ -218,6 +218,15 @@ CHARGE_WORKSPACE = Prepared(
         credits_held=W.credits_held - bindparam("b_price"),
     )
 )
+# Set credits aside for an execution, if the workspace has them (rowcount 0: it has not).
+HOLD = Prepared(
+    update(workspaces)
+    .where(
+        W.id == bindparam("b_ws"),
+        W.credits_balance - W.credits_held >= bindparam("b_amount"),
+    )
+    .values(credits_held=W.credits_held + bindparam("b_amount"))
+)
 RELEASE_HOLD = Prepared(
     update(workspaces)
     .where(W.id == bindparam("b_ws"))

@@ -399,14 +399,7 @@ def _new_run(
 
 def _hold(conn: Connection, workspace_id: str, amount: float) -> None:
     """Set `amount` credits of the workspace aside, if it has them."""
-    held = conn.execute(
-        update(workspaces)
-        .where(
-            workspaces.c.id == workspace_id,
-            workspaces.c.credits_balance - workspaces.c.credits_held >= amount,
-        )
-        .values(credits_held=workspaces.c.credits_held + amount)
-    ).rowcount
+    held = sql.HOLD.execute(conn, {"b_ws": workspace_id, "b_amount": amount}).rowcount
     if not held:
         row = conn.execute(
             select(workspaces.c.credits_balance, workspaces.c.credits_held).where(
