@@ -13,12 +13,13 @@ Every URL a user gives us (an image to fetch, later a webhook to call) goes thro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import functools
 import ipaddress
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -30,6 +31,10 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # (host, port) -> the host's addresses as strings; raises `UnsafeURL` if it cannot resolve.
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# With `keep_connections`: clients kept (one per host name and address), and the idle
+# connections each keeps open.
+KEPT_CLIENTS = 16
+KEPT_CONNECTIONS = 8
 
 
 def address_problem(address: IPAddress) -> str | None:
@@ -63,6 +68,12 @@ class Target:
     address: str
 
 
+@dataclass
+class _Kept:
+    client: httpx.AsyncClient
+    users: int = 0  # requests using it now
+
+
 @functools.cache
 def tls_context() -> ssl.SSLContext:
     """The TLS settings outbound clients verify with (httpx's defaults), made once: loading
@@ -88,8 +99,16 @@ class SafeFetcher:
         transport: httpx.AsyncBaseTransport | None = None,
         resolver: Resolver | None = None,
         private_setting: str = "IMAGEGRAPH_ALLOW_PRIVATE_URLS",
+        keep_connections: bool = False,
     ) -> None:
+        """`keep_connections` keeps a client (and its open connections) per host name and
+        checked address for the next requests to them, without cookies; for hosts many
+        requests go to, such as a provider's result URLs. Otherwise every request gets a
+        client of its own."""
         self.allow_private = allow_private
+        self.keep_connections = keep_connections
+        # (scheme, host name, address, port) -> its client, the most recently used last.
+        self._kept: dict[tuple[str, str, str, int | None], _Kept] = {}
         self.private_setting = private_setting
         self._resolver = resolver or system_resolve
         self.max_bytes = max_bytes
@@ -99,7 +118,10 @@ class SafeFetcher:
         self._transport = transport
 
     async def aclose(self) -> None:
-        """Nothing to release: each request uses its own connection (see `_send`)."""
+        """Close the clients kept for reuse (see `keep_connections`)."""
+        kept, self._kept = self._kept, {}
+        for each in kept.values():
+            await each.client.aclose()
 
     async def check(self, url: str) -> Target:
         """Resolve and vet a URL; raises `UnsafeURL` naming what is wrong."""
@@ -159,16 +181,11 @@ class SafeFetcher:
         current = url
         for _ in range(self.max_redirects + 1):
             target = await self.check(current)
-            # A new client (so a new connection pool and an empty cookie jar) per request:
-            # a TLS connection verified for one name is never reused for another name on the
-            # same address, and no cookie set by one site is ever sent to another.
-            async with httpx.AsyncClient(
-                timeout=self._timeout,
-                verify=tls_context(),
-                transport=self._transport,
-                follow_redirects=False,
-                trust_env=False,
-            ) as client:
+            # A client per request (so a new connection pool and an empty cookie jar), or
+            # one kept for this name and address: a TLS connection verified for one name is
+            # never reused for another name on the same address, and no cookie set by one
+            # site is ever sent to another.
+            async with self._client(target) as client:
                 try:
                     response = await client.send(pinned_request(target), stream=True)
                 except httpx.TimeoutException:
@@ -189,6 +206,41 @@ class SafeFetcher:
                 finally:
                     await response.aclose()
         raise UnsafeURL(f"too many redirects fetching {url} (at most {self.max_redirects})")
+
+    @contextlib.asynccontextmanager
+    async def _client(self, target: Target) -> AsyncIterator[httpx.AsyncClient]:
+        if not self.keep_connections:
+            async with self._new_client() as client:
+                yield client
+            return
+        url = target.url
+        key = (url.scheme, url.raw_host.decode("ascii"), target.address, url.port)
+        kept = self._kept.pop(key, None) or _Kept(self._new_client())
+        self._kept[key] = kept  # the most recently used last
+        kept.users += 1
+        try:
+            yield kept.client
+        finally:
+            kept.users -= 1
+            kept.client.cookies.clear()
+            await self._evict()
+
+    async def _evict(self) -> None:
+        """Close the least recently used clients beyond `KEPT_CLIENTS` that nobody uses."""
+        excess = len(self._kept) - KEPT_CLIENTS
+        idle = [key for key, kept in self._kept.items() if kept.users == 0][: max(excess, 0)]
+        for key in idle:
+            await self._kept.pop(key).client.aclose()
+
+    def _new_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            timeout=self._timeout,
+            verify=tls_context(),
+            transport=self._transport,
+            follow_redirects=False,
+            trust_env=False,
+            limits=httpx.Limits(max_keepalive_connections=KEPT_CONNECTIONS),
+        )
 
     async def _read_capped(self, url: str, response: httpx.Response) -> bytes:
         declared = response.headers.get("content-length")

@@ -1,9 +1,10 @@
-"""`ShardedTransport` against a real local HTTP server that says which connection served
-each request (by the client's port)."""
+"""`ShardedTransport`, and result downloads that keep their connections, against a real
+local HTTP server that says which connection served each request (by the client's port)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -12,6 +13,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from imagegraph import netguard
+from imagegraph.netguard import SafeFetcher
 from imagegraph.providers.transport import ShardedTransport
 from imagegraph.testing.fakes.server import FakeProvider
 
@@ -28,7 +31,9 @@ class PortEcho(FakeProvider):
     async def _answer(self, request: Request) -> Response:
         await asyncio.sleep(self.delay)
         assert request.client is not None
-        return JSONResponse({"port": request.client.port})
+        answer = JSONResponse({"port": request.client.port, "cookies": dict(request.cookies)})
+        answer.set_cookie("visited", "yes")
+        return answer
 
 
 @pytest.fixture
@@ -108,3 +113,65 @@ async def test_a_failed_request_holds_no_place(transport: ShardedTransport) -> N
 def test_a_transport_needs_a_pool() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         ShardedTransport(0, max_connections=10, max_keepalive=10)
+
+
+# -- result downloads (SafeFetcher with keep_connections) ----------------------------------
+
+
+async def _everything_is_local(host: str, port: int) -> list[str]:
+    return ["127.0.0.1"]
+
+
+def _fetcher(keep: bool) -> SafeFetcher:
+    return SafeFetcher(
+        allow_private=True,
+        max_bytes=1 << 20,
+        keep_connections=keep,
+        resolver=_everything_is_local,
+    )
+
+
+async def _answer(fetcher: SafeFetcher, url: str) -> dict[str, object]:
+    answer: dict[str, object] = json.loads(await fetcher.fetch(url))
+    return answer
+
+
+async def test_kept_connections_serve_the_next_downloads_from_the_same_host(
+    server: PortEcho,
+) -> None:
+    fetcher = _fetcher(keep=True)
+    url = f"http://a.example:{server.url.rsplit(':', 1)[1]}/port"
+    try:
+        answers = [await _answer(fetcher, url) for _ in range(4)]
+    finally:
+        await fetcher.aclose()
+    assert len({a["port"] for a in answers}) == 1
+    assert all(a["cookies"] == {} for a in answers)  # the cookie it set is never sent back
+
+
+async def test_without_keeping_every_download_has_a_connection_of_its_own(
+    server: PortEcho,
+) -> None:
+    fetcher = _fetcher(keep=False)
+    url = f"{server.url}/port"
+    ports = {(await _answer(fetcher, url))["port"] for _ in range(3)}
+    assert len(ports) == 3
+
+
+async def test_names_on_the_same_address_never_share_a_connection(
+    server: PortEcho, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(netguard, "KEPT_CLIENTS", 2)
+    port = server.url.rsplit(":", 1)[1]
+    fetcher = _fetcher(keep=True)
+    try:
+        first = [(await _answer(fetcher, f"http://{n}.example:{port}/port"))["port"] for n in "ab"]
+        again = (await _answer(fetcher, f"http://a.example:{port}/port"))["port"]
+        assert len(set(first)) == 2
+        assert again == first[0]
+        # A third name: only two clients are kept, so the least recently used one (b) goes.
+        await _answer(fetcher, f"http://c.example:{port}/port")
+        b_again = (await _answer(fetcher, f"http://b.example:{port}/port"))["port"]
+        assert b_again != first[1]
+    finally:
+        await fetcher.aclose()

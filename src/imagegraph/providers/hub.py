@@ -127,7 +127,10 @@ class ProviderHub:
     async def aclose(self) -> None:
         for client in self._clients.values():
             await client.aclose()
+        for fetcher in self._downloads.values():
+            await fetcher.aclose()
         self._clients.clear()
+        self._downloads.clear()
         self._adapters.clear()
 
     # -- configuration -------------------------------------------------------------------
@@ -270,8 +273,10 @@ class ProviderHub:
         allow = self.settings.allow_private_urls or trusted_private
         fetcher = self._downloads.get(allow)
         if fetcher is None:
+            # Results come from a few hosts (the provider's storage): keep connections to
+            # them instead of opening one (TLS included) for every image.
             fetcher = self._downloads[allow] = SafeFetcher(
-                allow_private=allow, max_bytes=MAX_RESULT_BYTES
+                allow_private=allow, max_bytes=MAX_RESULT_BYTES, keep_connections=True
             )
         return await fetcher.fetch(url)
 
