@@ -8,7 +8,9 @@ the worker that runs node runs in this process.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from imagegraph.blobs import BlobStore
 from imagegraph.engine import queries, transitions
-from imagegraph.engine.events import EventBus
+from imagegraph.engine.events import Event, EventBus, Subscription
 from imagegraph.engine.inputs import apply_execution_inputs, sandboxed
 from imagegraph.engine.states import TERMINAL_EXECUTION, ExecutionStatus
 from imagegraph.engine.transitions import IdempotentResponse, InsufficientCredits
@@ -35,6 +37,8 @@ from imagegraph.settings import Settings
 from imagegraph.store import assets as asset_store
 from imagegraph.store.db import Database
 from imagegraph.store.tables import DEFAULT_WORKSPACE
+
+log = logging.getLogger("imagegraph.engine")
 
 
 def utcnow() -> datetime:
@@ -94,6 +98,9 @@ class Engine:
             if run_worker
             else None
         )
+        # Executions someone is waiting for (`wait`), with their waiters' subscriptions.
+        self._waited: dict[str, set[Subscription]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.bus.bind(asyncio.get_running_loop())
@@ -101,6 +108,9 @@ class Engine:
             await self.worker.start()
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         if self.worker is not None:
             await self.worker.stop()
         await self.fetcher.aclose()
@@ -251,7 +261,7 @@ class Engine:
         workspace_id: str = DEFAULT_WORKSPACE,
     ) -> ExecutionStatus:
         """Wait until the execution ends (or `max_wait` seconds pass); returns its status then."""
-        with self.bus.subscribe(execution_id) as subscription:
+        with self.bus.subscribe(execution_id) as subscription, self._waiting(subscription):
             status = await self.db.run(
                 queries.execution_status, self.db, workspace_id, execution_id
             )
@@ -260,25 +270,63 @@ class Engine:
             loop = asyncio.get_running_loop()
             deadline = None if max_wait is None else loop.time() + max_wait
             while status not in TERMINAL_EXECUTION:
-                remaining = self.settings.poll_interval_seconds
-                if deadline is not None:
-                    remaining = min(remaining, deadline - loop.time())
-                    if remaining <= 0:
-                        break
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    break
                 try:
                     async with asyncio.timeout(remaining):
                         event = await subscription.queue.get()
                 except TimeoutError:
-                    # Another process may have ended it; its events do not reach this bus.
-                    found = await self.db.run(
-                        queries.execution_status, self.db, workspace_id, execution_id
-                    )
-                    assert found is not None
-                    status = found
-                    continue
+                    break
                 if event.terminal:
                     status = ExecutionStatus(event.data["status"])
+            if status not in TERMINAL_EXECUTION:  # out of time: as it is now
+                status = (
+                    await self.db.run(queries.execution_status, self.db, workspace_id, execution_id)
+                    or status
+                )
             return status
+
+    @contextlib.contextmanager
+    def _waiting(self, subscription: Subscription) -> Iterator[None]:
+        """Count `subscription` among those the sweep (`_sweep`) looks after."""
+        execution_id = subscription.execution_id
+        self._waited.setdefault(execution_id, set()).add(subscription)
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep(), name="imagegraph-wait-sweep")
+        try:
+            yield
+        finally:
+            waiting = self._waited.get(execution_id)
+            if waiting is not None:
+                waiting.discard(subscription)
+                if not waiting:
+                    del self._waited[execution_id]
+
+    async def _sweep(self) -> None:
+        """Another process may end an execution waited for here (its events do not reach
+        this bus): every poll interval, one read of all of them tells their waiters."""
+        while self._waited:
+            await asyncio.sleep(self.settings.poll_interval_seconds)
+            waited = list(self._waited)
+            try:
+                ended = await self.db.run(queries.ended_among, self.db, waited)
+            except Exception:
+                log.exception("looking for ended executions failed; trying again")
+                continue
+            now = datetime.now(UTC)
+            for execution_id, status in ended.items():
+                notice = Event(
+                    None,
+                    execution_id,
+                    f"execution.{status.value.lower()}",
+                    None,
+                    {"status": status.value},
+                    now,
+                    recorded=False,
+                )
+                for subscription in self._waited.get(execution_id, ()):
+                    subscription.offer(notice)
 
 
 def _payment_required(plan: Plan, costs: Mapping[str, float], available: float) -> PaymentRequired:

@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from imagegraph.engine import statements as sql
 from imagegraph.engine.events import Event
-from imagegraph.engine.states import ExecutionStatus, RunState
+from imagegraph.engine.states import TERMINAL_EXECUTION, ExecutionStatus, RunState
 from imagegraph.errors import NotFound
 from imagegraph.store.db import Database
 from imagegraph.store.tables import executions, node_runs
@@ -91,6 +91,22 @@ def load_events(db: Database, execution_id: str, after: int = 0, limit: int = 10
             conn, {"b_execution": execution_id, "b_after": after, "b_limit": limit}
         ).all()
     return [Event(r.id, r.execution_id, r.type, r.node_id, r.data, r.created_at) for r in rows]
+
+
+def ended_among(db: Database, execution_ids: Sequence[str]) -> dict[str, ExecutionStatus]:
+    """Which of these executions have ended, with how."""
+    ended: dict[str, ExecutionStatus] = {}
+    terminal = [status.value for status in TERMINAL_EXECUTION]
+    with db.read() as conn:
+        for start in range(0, len(execution_ids), 500):
+            chunk = execution_ids[start : start + 500]
+            rows = conn.execute(
+                select(executions.c.id, executions.c.status).where(
+                    executions.c.id.in_(chunk), executions.c.status.in_(terminal)
+                )
+            )
+            ended.update((row.id, ExecutionStatus(row.status)) for row in rows)
+    return ended
 
 
 def execution_status(db: Database, workspace_id: str, execution_id: str) -> ExecutionStatus | None:
