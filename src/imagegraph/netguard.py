@@ -229,8 +229,10 @@ class SafeFetcher:
         """Close the least recently used clients beyond `KEPT_CLIENTS` that nobody uses."""
         excess = len(self._kept) - KEPT_CLIENTS
         idle = [key for key, kept in self._kept.items() if kept.users == 0][: max(excess, 0)]
-        for key in idle:
-            await self._kept.pop(key).client.aclose()
+        # Out of the table before the first await, so no request can take one up meanwhile.
+        evicted = [self._kept.pop(key) for key in idle]
+        for kept in evicted:
+            await kept.client.aclose()
 
     def _new_client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(
