@@ -41,11 +41,11 @@ from imagegraph.netguard import (
     SafeFetcher,
     parse_retry_after,
     pinned_request,
-    tls_context,
 )
 from imagegraph.settings import Settings
 from imagegraph.store import webhooks as store
 from imagegraph.store.db import Database
+from imagegraph.transport import tls_context
 
 log = logging.getLogger("imagegraph.webhooks")
 

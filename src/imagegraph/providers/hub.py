@@ -26,8 +26,8 @@ from imagegraph.providers.resilience import (
     CircuitBreaker,
     RetryBudget,
 )
-from imagegraph.providers.transport import ShardedTransport
 from imagegraph.settings import Settings
+from imagegraph.transport import AiohttpTransport
 
 # Provider name -> where its adapter lives. Imported on first use.
 ADAPTERS: Mapping[str, str] = {
@@ -48,9 +48,9 @@ KEY_VARIABLES: Mapping[str, tuple[str, str]] = {
     "gemini": ("IMAGEGRAPH_GEMINI_API_KEY", "GEMINI_API_KEY"),
 }
 MAX_RESULT_BYTES = 64 * 1024 * 1024
-# Connection pools per provider client (see `ShardedTransport`): each holds a few of the
-# connections a provider's concurrency limit keeps open.
-POOL_SHARDS = 8
+# Connections a provider client opens at most at once (well above any concurrency limit:
+# the limiter, not the pool, decides how many jobs run).
+MAX_CONNECTIONS = 200
 
 
 class NoRoute(Exception):
@@ -167,7 +167,7 @@ class ProviderHub:
     ) -> Adapter:
         # Settings only some adapters take (fal's key set, Replicate's webhook secret), and
         # a pool of its own for status streams: held open for a job's whole life, they
-        # would make every other request walk them in a shared pool.
+        # would otherwise take the connections that submits and results need.
         accepted = inspect.signature(cls.__init__).parameters
         offered: dict[str, object] = {"jwks_url": self.settings.fal_jwks_url}
         if "stream_http" in accepted:
@@ -181,9 +181,7 @@ class ProviderHub:
         client = self._clients.get(provider)
         if client is None:
             timeout = httpx.Timeout(self.settings.provider_timeout_seconds, connect=10.0)
-            transport = self._transport or ShardedTransport(
-                POOL_SHARDS, max_connections=200, max_keepalive=50
-            )
+            transport = self._transport or AiohttpTransport(max_connections=MAX_CONNECTIONS)
             client = httpx.AsyncClient(timeout=timeout, transport=transport, trust_env=False)
             self._clients[provider] = client
         return client
