@@ -108,7 +108,7 @@ class RunContext:
 
     def store_image(
         self,
-        image: Image.Image | bytes,
+        image: Image.Image | bytes | ImageValue,
         *,
         parents: Sequence[ImageValue] = (),
         generation: Mapping[str, Any] | None = None,
@@ -116,16 +116,23 @@ class RunContext:
         format: str | None = None,
         quality: int | None = None,
     ) -> ImageValue:
-        data, fmt, width, height = imaging.for_storage(
-            image,
-            self.max_pixels,
-            format=format,
-            quality=quality,
-            intermediate=kind == "intermediate",
-        )
-        sha = self._blobs.put(data, sha256_hex(data))
-        if isinstance(image, Image.Image):
-            self._images.put(sha, image)
+        if isinstance(image, ImageValue):  # stored already: a new asset of the same bytes
+            sha, fmt, width, height = image.sha256, image.format, image.width, image.height
+            size = image.size_bytes
+            if size is None:
+                size = len(self.read_bytes(image))
+        else:
+            data, fmt, width, height = imaging.for_storage(
+                image,
+                self.max_pixels,
+                format=format,
+                quality=quality,
+                intermediate=kind == "intermediate",
+            )
+            sha = self._blobs.put(data, sha256_hex(data))
+            size = len(data)
+            if isinstance(image, Image.Image):
+                self._images.put(sha, image)
         gen = inherited_generation(generation, parents)
         measured, review = inherited_quality(parents)
         asset_id = new_id("asset")
@@ -138,7 +145,7 @@ class RunContext:
                 "format": fmt,
                 "width": width,
                 "height": height,
-                "size_bytes": len(data),
+                "size_bytes": size,
                 "execution_id": self._execution_id,
                 "node_id": self._node_id,
                 "prompt": gen.get("prompt"),
@@ -163,7 +170,9 @@ class RunContext:
                 "created_at": datetime.now(UTC),
             }
         )
-        return ImageValue(asset_id, sha, fmt, width, height, gen, quality=measured, review=review)
+        return ImageValue(
+            asset_id, sha, fmt, width, height, gen, quality=measured, review=review, size_bytes=size
+        )
 
     async def run_cpu(
         self, fn: Callable[..., T], *args: Any, pixels: int | None = None, urgent: bool = True
@@ -199,6 +208,8 @@ class RunContext:
         self._provider_job = job
 
     def progress(self, fraction: float, message: str | None = None) -> None:
+        if not self._bus.listening(self._execution_id):
+            return  # progress notices are never recorded: nobody would hear this one
         event = Event(
             recorded=False,
             id=None,

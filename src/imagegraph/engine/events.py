@@ -85,6 +85,10 @@ class EventBus:
                 if not subscribers:
                     del self._subscribers[execution_id]
 
+    def listening(self, execution_id: str) -> bool:
+        """Whether anyone here hears this execution's events now (callable from any thread)."""
+        return bool(self._subscribers.get(execution_id) or self._subscribers.get("*"))
+
     def on_end(self, callback: Callable[[Event], None]) -> None:
         """Call `callback` with every event that ends an execution."""
         self._on_end.append(callback)

@@ -121,7 +121,7 @@ class NodeContext(Protocol):
 
     def store_image(
         self,
-        image: Image.Image | bytes,
+        image: Image.Image | bytes | ImageValue,
         *,
         parents: Sequence[ImageValue] = (),
         generation: Mapping[str, Any] | None = None,
@@ -131,8 +131,10 @@ class NodeContext(Protocol):
     ) -> ImageValue:
         """Encode (if needed) and store an image; it becomes an asset when the node succeeds.
 
-        `bytes` must already be an encoded image and are stored as they are. `generation`
-        defaults to that of the first parent.
+        `bytes` must already be an encoded image and are stored as they are. An `ImageValue`
+        is an image stored already: the new asset shares its bytes, and nothing is read,
+        encoded or written (`format` and `quality` do not apply). `generation` defaults to
+        that of the first parent.
         """
         ...
 

@@ -47,23 +47,23 @@ class OutputImage(Node[OutputParams]):
 
     async def run(self, ctx: NodeContext, params: OutputParams, inputs: Inputs) -> Outputs:
         source = inputs["image"]
+        if params.format in ("original", source.format) and params.quality is None:
+            # The stored bytes as they are: a new asset of them, nothing to read or write.
+            return {"image": ctx.store_image(source, parents=[source], kind="output")}
 
-        def store() -> Outputs:
-            if params.format in ("original", source.format) and params.quality is None:
-                stored = ctx.store_image(ctx.read_bytes(source), parents=[source], kind="output")
-            else:
-                fmt = params.format
-                if fmt == "original":
-                    # GIF, BMP and TIFF can be read but are not written: keep them lossless.
-                    writable = source.format in imaging.output_formats()
-                    fmt = source.format if writable else "png"
-                stored = ctx.store_image(
-                    ctx.load_image(source),
-                    parents=[source],
-                    kind="output",
-                    format=fmt,
-                    quality=params.quality,
-                )
+        def convert() -> Outputs:
+            fmt = params.format
+            if fmt == "original":
+                # GIF, BMP and TIFF can be read but are not written: keep them lossless.
+                writable = source.format in imaging.output_formats()
+                fmt = source.format if writable else "png"
+            stored = ctx.store_image(
+                ctx.load_image(source),
+                parents=[source],
+                kind="output",
+                format=fmt,
+                quality=params.quality,
+            )
             return {"image": stored}
 
-        return await ctx.run_cpu(store, pixels=source.width * source.height)
+        return await ctx.run_cpu(convert, pixels=source.width * source.height)

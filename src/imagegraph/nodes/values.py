@@ -37,6 +37,8 @@ class ImageValue:
     # A quality gate's decision for this image (approved, rejected, pending-review), which
     # becomes the review state of the output asset made from it.
     review: str | None = None
+    # How many bytes are stored (None in records made before it was kept).
+    size_bytes: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -49,6 +51,7 @@ class ImageValue:
             "generation": dict(self.generation),
             **({"quality": dict(self.quality)} if self.quality else {}),
             **({"review": self.review} if self.review else {}),
+            **({"sizeBytes": self.size_bytes} if self.size_bytes is not None else {}),
         }
 
     @classmethod
@@ -62,6 +65,7 @@ class ImageValue:
             generation=data.get("generation") or {},
             quality=data.get("quality") or {},
             review=data.get("review"),
+            size_bytes=data.get("sizeBytes"),
         )
 
 

@@ -86,7 +86,7 @@ class MemoryContext:
 
     def store_image(
         self,
-        image: Image.Image | bytes,
+        image: Image.Image | bytes | ImageValue,
         *,
         parents: Sequence[ImageValue] = (),
         generation: Mapping[str, Any] | None = None,
@@ -94,17 +94,21 @@ class MemoryContext:
         format: str | None = None,
         quality: int | None = None,
     ) -> ImageValue:
-        data, fmt, width, height = imaging.for_storage(
-            image,
-            self.max_pixels,
-            format=format,
-            quality=quality,
-            intermediate=kind == "intermediate",
-        )
-        sha = hashlib.sha256(data).hexdigest()
-        self.blobs[sha] = data
-        if isinstance(image, Image.Image):
-            self.images[sha] = image
+        if isinstance(image, ImageValue):  # stored already: a new asset of the same bytes
+            data = self.read_bytes(image)
+            sha, fmt, width, height = image.sha256, image.format, image.width, image.height
+        else:
+            data, fmt, width, height = imaging.for_storage(
+                image,
+                self.max_pixels,
+                format=format,
+                quality=quality,
+                intermediate=kind == "intermediate",
+            )
+            sha = hashlib.sha256(data).hexdigest()
+            self.blobs[sha] = data
+            if isinstance(image, Image.Image):
+                self.images[sha] = image
         value = ImageValue(
             f"asset_{len(self.stored)}",
             sha,
@@ -112,6 +116,7 @@ class MemoryContext:
             width,
             height,
             inherited_generation(generation, parents),
+            size_bytes=len(data),
         )
         self.stored.append(StoredImage(value, data, kind, tuple(parents), format, quality))
         return value
