@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     cpu_threads: int = Field(
         default=0, ge=0, description="Threads for image operations; 0 means one per core."
     )
+    cpu_processes: int = Field(
+        default=1,
+        ge=0,
+        description="Processes for CPU work that holds the interpreter lock (the sandbox's "
+        "drawing); 0 runs it in threads.",
+    )
     db_threads: int = Field(default=4, ge=1)
     lease_seconds: float = Field(default=30.0, gt=0)
     node_timeout_seconds: float = Field(default=600.0, gt=0)

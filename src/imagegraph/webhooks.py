@@ -58,6 +58,8 @@ EventType = Literal[
 ]
 EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 JITTER = 0.2
+# The shortest time between two looks for due deliveries.
+WAKE_PAUSE_SECONDS = 0.1
 CLAIM_BATCH = 20
 # Longest a receiver's Retry-After can push a retry out.
 MAX_RETRY_AFTER = 24 * 3600.0
@@ -156,6 +158,9 @@ class Webhooks:
                 task.add_done_callback(self._sending.discard)
             if len(due) == CLAIM_BATCH:
                 continue
+            # Executions that end together wake this once: deliveries wait a moment at
+            # most, and a busy server asks once per pause instead of once per end.
+            await asyncio.sleep(WAKE_PAUSE_SECONDS)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.poll_interval_seconds):
                     await self._wake.wait()

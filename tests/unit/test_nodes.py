@@ -187,9 +187,10 @@ async def test_sandbox_delay_reports_progress() -> None:
     ctx, value = await generate(delayMs=500)
 
     fractions = [fraction for fraction, _ in ctx.progress_calls]
-    assert fractions == pytest.approx([(i + 1) / 11 for i in range(10)])
+    assert fractions == pytest.approx([(i + 1) / 6 for i in range(5)])  # every 0.1 s
     assert all(message == "waiting for the sandbox provider" for _, message in ctx.progress_calls)
     assert ctx.stored[-1].value == value  # drawn while waiting, stored once
+    assert ctx.process_calls == 1  # drawn in a process of its own
 
 
 async def test_sandbox_without_delay_reports_no_progress() -> None:

@@ -14,7 +14,8 @@ from sqlalchemy import RowMapping
 from imagegraph.blobs import BlobStore, sha256_hex
 from imagegraph.engine.events import Event, EventBus
 from imagegraph.engine.lru import LRU
-from imagegraph.errors import NodeError
+from imagegraph.engine.processes import ProcessLost, ProcessPool
+from imagegraph.errors import NodeError, TransientNodeError
 from imagegraph.ids import new_id
 from imagegraph.netguard import SafeFetcher
 from imagegraph.nodes import imaging
@@ -51,6 +52,7 @@ class RunContext:
         images: LRU[str, Image.Image],
         cpu: Executor,
         background: Executor,
+        processes: ProcessPool | None,
         fetcher: SafeFetcher,
         bus: EventBus,
         max_pixels: int,
@@ -70,6 +72,7 @@ class RunContext:
         self._images = images
         self._cpu = cpu
         self._background = background
+        self._processes = processes
         self._fetcher = fetcher
         self._bus = bus
         self._loop = asyncio.get_running_loop()
@@ -183,6 +186,14 @@ class RunContext:
             return fn(*args)
         pool = self._cpu if urgent else self._background
         return await self._loop.run_in_executor(pool, fn, *args)
+
+    async def run_process(self, fn: Callable[..., T], *args: Any, urgent: bool = True) -> T:
+        if self._processes is None:
+            return await self.run_cpu(fn, *args, urgent=urgent)
+        try:
+            return await self._processes.run(fn, *args)
+        except ProcessLost as exc:
+            raise TransientNodeError(str(exc), code="worker_process_lost") from None
 
     async def fetch(self, url: str) -> bytes:
         return await self._fetcher.fetch(url)

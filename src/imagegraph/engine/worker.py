@@ -36,6 +36,7 @@ from imagegraph.engine.cache import cache_key
 from imagegraph.engine.context import RunContext
 from imagegraph.engine.events import EventBus
 from imagegraph.engine.lru import LRU
+from imagegraph.engine.processes import shared_pool
 from imagegraph.engine.transitions import (
     Claim,
     Completion,
@@ -145,6 +146,9 @@ class Worker:
         # Work with time to spare (run_cpu(urgent=False)) queues here, not ahead of work
         # executions are waiting for.
         self._background = ThreadPoolExecutor(1, thread_name_prefix="imagegraph-background")
+        # Work that holds the interpreter lock (see `processes`): shared by every worker of
+        # this process, started on first use.
+        self._processes = shared_pool(settings.cpu_processes) if settings.cpu_processes else None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -476,6 +480,7 @@ class Worker:
                 images=self._images,
                 cpu=self._cpu,
                 background=self._background,
+                processes=self._processes,
                 fetcher=self.fetcher,
                 bus=self.bus,
                 max_pixels=self.settings.max_image_pixels,

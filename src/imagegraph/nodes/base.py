@@ -150,6 +150,14 @@ class NodeContext(Protocol):
         """
         ...
 
+    async def run_process(self, fn: Callable[..., T], *args: Any, urgent: bool = True) -> T:
+        """Run CPU work that holds the interpreter lock (many small steps in Python, such as
+        drawing) in a process of its own, so it never takes the event loop's turn. `fn` and
+        `args` cross by pickling: a module-level function and plain values. Where this
+        server runs no such processes, it runs in a thread (see `run_cpu` for `urgent`).
+        """
+        ...
+
     async def fetch(self, url: str) -> bytes:
         """Download a URL with the server's outbound safety rules (no private addresses)."""
         ...

@@ -24,6 +24,7 @@ from pydantic import Field
 
 from imagegraph.errors import NodeError
 from imagegraph.graph.ports import InputPort, OutputPort, PortType
+from imagegraph.nodes import imaging
 from imagegraph.nodes.base import Inputs, Node, NodeContext, NodeParams, Outputs
 
 MAX_SEED = 2**32 - 1
@@ -93,19 +94,24 @@ class SandboxGenerate(Node[SandboxParams]):
             "nodeId": ctx.node_id,
         }
 
-        def draw_and_store() -> Outputs:
-            image = render(
-                prompt, negative, seed, params.width, params.height, params.steps, params.guidance
-            )
-            return {"image": ctx.store_image(image, generation=generation)}
+        def store(png: bytes) -> Outputs:
+            return {"image": ctx.store_image(png, generation=generation)}
 
         pixels = params.width * params.height
+        size = (params.width, params.height, params.steps, params.guidance)
+        # Drawn in a process of its own, as a provider draws on its own machines: the
+        # drawing holds the interpreter lock for most of its time (see engine.processes).
         if not params.delay_ms:
-            return await ctx.run_cpu(draw_and_store, pixels=pixels)
+            png = await ctx.run_process(render_png, prompt, negative, seed, *size)
+            return await ctx.run_cpu(store, png, pixels=pixels)
+
         # Like a provider, the image is made during the latency, not after it; and as a
         # provider's work would, it leaves our image threads to what executions wait for.
-        drawing = ctx.run_cpu(draw_and_store, pixels=pixels, urgent=False)
-        outputs, _ = await asyncio.gather(drawing, _wait(ctx, params.delay_ms / 1000))
+        async def draw_and_store() -> Outputs:
+            png = await ctx.run_process(render_png, prompt, negative, seed, *size, urgent=False)
+            return await ctx.run_cpu(store, png, pixels=pixels, urgent=False)
+
+        outputs, _ = await asyncio.gather(draw_and_store(), _wait(ctx, params.delay_ms / 1000))
         return outputs
 
 
@@ -114,7 +120,7 @@ async def _wait(ctx: NodeContext, seconds: float) -> None:
     point in time, so small scheduling delays do not add up over the steps."""
     loop = asyncio.get_running_loop()
     started = loop.time()
-    ticks = max(1, min(10, int(seconds / 0.05)))
+    ticks = max(1, min(10, int(seconds / 0.1)))  # every 0.1 s at most
     for tick in range(1, ticks + 1):
         await asyncio.sleep(max(0.0, started + seconds * tick / ticks - loop.time()))
         ctx.progress(tick / (ticks + 1), "waiting for the sandbox provider")
@@ -161,6 +167,14 @@ def render(
     image = Image.alpha_composite(background.convert("RGBA"), layer)
     _caption(image, prompt, seed)
     return image.convert("RGB")
+
+
+def render_png(
+    prompt: str, negative: str, seed: int, width: int, height: int, steps: int, guidance: float
+) -> bytes:
+    """`render`, encoded as the engine stores a generated image (PNG, quick to write)."""
+    image = render(prompt, negative, seed, width, height, steps, guidance)
+    return imaging.encode(image, "png", fast=True)
 
 
 def _caption(image: Image.Image, prompt: str, seed: int) -> None:

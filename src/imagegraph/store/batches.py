@@ -278,11 +278,15 @@ def item_ended(conn: Connection, execution: Any, now: datetime) -> bool:
             "b_now": now,
         },
     ).rowcount
-    _COUNT_ENDED[status].execute(
-        conn, {"b_id": item.batch_id, "b_twins": twins, "b_credits": execution.credits}
+    left = (
+        _COUNT_ENDED[status]
+        .execute(conn, {"b_id": item.batch_id, "b_twins": twins, "b_credits": execution.credits})
+        .one()
     )
     if status is ItemStatus.COMPLETED:
         _REVIEW_OUTPUTS.execute(conn, {"b_exec": execution.id})
+    if left.pending or left.running:
+        return False  # items are left to run: the batch goes on
     return _maybe_finish(conn, item.batch_id, now)
 
 
@@ -328,6 +332,7 @@ _COUNT_ENDED = {
                 B.credits: B.credits + bindparam("b_credits"),
             }
         )
+        .returning(B.pending, B.running)
     )
     for status, column in _COUNTER.items()
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -59,6 +60,7 @@ class MemoryContext:
     progress_calls: list[tuple[float, str | None]] = field(default_factory=list)
     fetched: list[str] = field(default_factory=list)
     cpu_calls: int = 0
+    process_calls: int = 0
     # For nodes of hosted models: the hub they call, and the job records they save.
     hub: ProviderHub | None = None
     saved_jobs: list[Mapping[str, Any]] = field(default_factory=list)
@@ -125,6 +127,13 @@ class MemoryContext:
         self, fn: Callable[..., T], *args: Any, pixels: int | None = None, urgent: bool = True
     ) -> T:
         self.cpu_calls += 1
+        return fn(*args)
+
+    async def run_process(self, fn: Callable[..., T], *args: Any, urgent: bool = True) -> T:
+        """Runs here, after a pickling round trip: what the engine's processes would
+        refuse (a lambda, an open file) fails here too."""
+        self.process_calls += 1
+        fn, args = pickle.loads(pickle.dumps((fn, args)))  # noqa: S301 (our own bytes)
         return fn(*args)
 
     async def fetch(self, url: str) -> bytes:
