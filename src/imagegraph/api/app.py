@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from imagegraph import __version__
@@ -69,22 +69,25 @@ def create_app(
     if runtime is not None:
         app.state.runtime = runtime
     install_problem_handlers(app)
-    api = APIRouter(prefix=API_PREFIX)
-    api.include_router(executions.router)  # before /workflows/{id}, which would shadow it
-    api.include_router(workflows.router)
-    api.include_router(triggers.router)
-    api.include_router(assets.router)
-    api.include_router(batches.router)
-    api.include_router(negative_prompts.router)
-    api.include_router(account.router)
-    api.include_router(webhooks.router)
-    api.include_router(meta.router)
-    api.include_router(models.router)
-    # Without an API key: public triggers, and providers announcing finished jobs (signed).
-    api.include_router(triggers.public_router)
-    api.include_router(models.public_router)
-    app.include_router(api)
+    # Each router straight into the app (a router of routers is matched once more per level,
+    # on every request), probes first, then the API's in the order they are most asked for.
     app.include_router(meta.health_router)
+    for router in (
+        executions.router,  # before /workflows/{id}, which would shadow it
+        workflows.router,
+        batches.router,
+        assets.router,
+        triggers.router,
+        negative_prompts.router,
+        account.router,
+        webhooks.router,
+        meta.router,
+        models.router,
+        # Without an API key: public triggers, and providers announcing finished jobs (signed).
+        triggers.public_router,
+        models.public_router,
+    ):
+        app.include_router(router, prefix=API_PREFIX)
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=max(JSON_BODY_LIMIT, settings.max_upload_bytes + 65536)
     )
