@@ -146,7 +146,7 @@ def serve(
 
     from imagegraph.api.app import create_app
     from imagegraph.logs import configure_logging
-    from imagegraph.runtime import Runtime, admin_key_path
+    from imagegraph.runtime import Runtime, admin_key_path, settle_for_serving
 
     settings = _settings(host=host, port=port, data_dir=data_dir, log_format=log_format)
     configure_logging(settings.log_level, settings.log_format)
@@ -157,7 +157,8 @@ def serve(
         soft_wrap=True,
     )
 
-    def announce(runtime: Runtime) -> None:
+    def started(runtime: Runtime) -> None:
+        settle_for_serving()
         if runtime.bootstrap_key:
             err.print(
                 "Made the default workspace and its admin API key (shown this once; also saved "
@@ -167,7 +168,7 @@ def serve(
             )
 
     uvicorn.run(
-        create_app(settings, on_start=announce),
+        create_app(settings, on_start=started),
         host=settings.host,
         port=settings.port,
         log_config=None,

@@ -7,6 +7,7 @@ on the same storage.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import tempfile
@@ -209,3 +210,20 @@ def node_registry(settings: Settings) -> NodeRegistry:
         models_dir=settings.local_models_dir,
     )
     return registry_for(load_catalog(settings.catalog_file), local)
+
+
+# Allocations between two collections of young objects, for a long-running server (Python's
+# default is 700).
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def settle_for_serving() -> None:
+    """Once a server has started: what startup made (modules, schemas, the app, the catalog)
+    lives as long as the process, so it is frozen out of the garbage collector's passes,
+    and young objects are collected less often. Otherwise every full collection walks all
+    of it: with 500 executions in flight that paused the event loop for up to 0.16 s, and
+    collections took about 5 % of its time."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
