@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import importlib
+import logging
 import os
 import pickle
 import queue
@@ -34,6 +36,7 @@ from concurrent.futures import Future
 from typing import IO, Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger("imagegraph.processes")
 
 _LENGTH = struct.Struct(">Q")
 _Call = tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
@@ -44,20 +47,23 @@ class ProcessLost(Exception):
 
 
 class ProcessPool:
-    """`size` child processes, each running one call at a time, fed from one queue."""
+    """`size` child processes, each running one call at a time, fed from one queue. Each
+    child imports the modules named in `preload` as it starts (what its calls will need),
+    so that a pool started ahead of time (`start`) answers its first calls at once."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, preload: tuple[str, ...] = ()) -> None:
         if size < 1:
             raise ValueError(f"a process pool needs at least one process, not {size}")
         self.size = size
+        self.preload = preload
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._feeders: list[threading.Thread] = []
         self._children: set[subprocess.Popen[bytes]] = set()
         self._closed = False
 
-    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
-        future: Future[T] = Future()
+    def start(self) -> None:
+        """Start the children now (in the background) rather than on the first call."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("this process pool was shut down")
@@ -70,6 +76,10 @@ class ProcessPool:
                 ]
                 for feeder in self._feeders:
                     feeder.start()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        future: Future[T] = Future()
+        self.start()
         self._calls.put((future, fn, args))
         return future
 
@@ -99,7 +109,7 @@ class ProcessPool:
     # -- one feeder thread per child -------------------------------------------------------
 
     def _feed(self) -> None:
-        child: subprocess.Popen[bytes] | None = None
+        child = self._start_child()  # ahead of the first call
         try:
             while (call := self._calls.get()) is not None:
                 future, fn, args = call
@@ -112,6 +122,9 @@ class ProcessPool:
                     continue
                 if child is None or child.poll() is not None:
                     child = self._start_child()
+                if child is None:
+                    future.set_exception(ProcessLost("a worker process could not be started"))
+                    continue
                 try:
                     assert child.stdin is not None
                     assert child.stdout is not None
@@ -134,13 +147,15 @@ class ProcessPool:
                 _stop(child)
                 self._forget(child)
 
-    def _start_child(self) -> subprocess.Popen[bytes]:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "imagegraph.engine.processes"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            close_fds=True,
-        )
+    def _start_child(self) -> subprocess.Popen[bytes] | None:
+        command = [sys.executable, "-m", "imagegraph.engine.processes", *self.preload]
+        try:
+            child = subprocess.Popen(  # noqa: S603 (this interpreter, this module)
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True
+            )
+        except OSError:
+            log.exception("could not start a worker process (%s)", " ".join(command))
+            return None
         with self._lock:
             self._children.add(child)
         return child
@@ -190,16 +205,16 @@ def _stop(child: subprocess.Popen[bytes]) -> None:
     _reap(child)
 
 
-_shared: dict[int, ProcessPool] = {}
+_shared: dict[tuple[int, tuple[str, ...]], ProcessPool] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_pool(size: int) -> ProcessPool:
-    """The process's pool of `size` processes (one per size, made once)."""
+def shared_pool(size: int, preload: tuple[str, ...] = ()) -> ProcessPool:
+    """The process's pool of `size` processes (one per size and preload, made once)."""
     with _shared_lock:
-        pool = _shared.get(size)
+        pool = _shared.get((size, preload))
         if pool is None:
-            pool = _shared[size] = ProcessPool(size)
+            pool = _shared[(size, preload)] = ProcessPool(size, preload)
         return pool
 
 
@@ -237,4 +252,6 @@ if __name__ == "__main__":
     # The protocol owns the original stdout; anything the called code prints goes to stderr.
     protocol_out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
+    for module in sys.argv[1:]:
+        importlib.import_module(module)
     _serve(sys.stdin.buffer, protocol_out)

@@ -147,13 +147,19 @@ class Worker:
         # executions are waiting for.
         self._background = ThreadPoolExecutor(1, thread_name_prefix="imagegraph-background")
         # Work that holds the interpreter lock (see `processes`): shared by every worker of
-        # this process, started on first use.
-        self._processes = shared_pool(settings.cpu_processes) if settings.cpu_processes else None
+        # this process, its children ready with the node types imported.
+        self._processes = (
+            shared_pool(settings.cpu_processes, preload=("imagegraph.nodes",))
+            if settings.cpu_processes
+            else None
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         self.bus.bind(asyncio.get_running_loop())
+        if self._processes is not None:
+            self._processes.start()  # children boot meanwhile
         await self._recover_dead_owners()
         self._tasks = [
             asyncio.create_task(self._claim_loop(), name="imagegraph-claim"),
