@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import json
 import zipfile
 from pathlib import Path
@@ -17,7 +18,7 @@ from sqlalchemy import select
 
 from imagegraph.runtime import Runtime
 from imagegraph.settings import Settings
-from imagegraph.store.tables import webhook_deliveries
+from imagegraph.store.tables import executions, webhook_deliveries
 from tests.builders import edge, linear, node, templated, workflow
 from tests.clients import api_client, started_runtime
 
@@ -140,6 +141,33 @@ async def test_concurrency_limit_is_never_exceeded(
         await asyncio.sleep(0.02)
     assert peak == 4
     assert body["counts"]["completed"] == 20
+
+
+async def test_an_item_s_end_starts_the_next_item_in_the_same_transaction(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    workflow_id = await _workflow(client)
+    response = await client.post(
+        "/api/v1/batches",
+        json={
+            "workflowId": workflow_id,
+            "items": [{"Prompt": f"p{i}"} for i in range(4)],
+            "concurrency": 1,
+        },
+    )
+    batch_id = response.json()["batchId"]
+    assert (await _wait(client, batch_id))["counts"]["completed"] == 4
+    with runtime.db.read() as conn:
+        rows = conn.execute(
+            select(executions.c.created_at, executions.c.finished_at)
+            .where(executions.c.batch_id == batch_id)
+            .order_by(executions.c.batch_item_id)
+        ).all()
+    # The first item was started by the dispatcher; each of the others by the transaction
+    # that ended the one before it (one timestamp for both), so no slot waited.
+    assert len(rows) == 4
+    for before, after in itertools.pairwise(rows):
+        assert after.created_at == before.finished_at
 
 
 async def test_dedupe_runs_identical_items_once_and_shares_the_result(

@@ -32,6 +32,8 @@ from tests.clients import api_client, make_workspace, started_runtime
 
 API = "/api/v1"
 
+WS = "ws_default"
+
 
 class JudgeParams(NodeParams):
     passing_seeds: list[int] = Field(default_factory=list)
@@ -511,7 +513,11 @@ async def _stale_regeneration(runtime: Runtime) -> None:
         [done] = transitions.complete_many(
             runtime.db,
             owner,
-            [transitions.Finished(claim, plan, Success(outputs[claim.node_id], 1.0), lease)],
+            [
+                transitions.Finished(
+                    claim, plan, Success(outputs[claim.node_id], 1.0), lease, workspace_id=WS
+                )
+            ],
             now,
         )
         claims = done.claims
@@ -529,9 +535,13 @@ async def _stale_regeneration(runtime: Runtime) -> None:
         instead=Success(fallback, 1.0),
         duration_ms=1.0,
     )
-    lost = transitions.regenerate(runtime.db, "someone:else:x", gate, plan, request, now)
+    lost = transitions.regenerate(
+        runtime.db, "someone:else:x", gate, plan, request, now, workspace_id=WS
+    )
     assert lost.accepted is False
-    completion = transitions.regenerate(runtime.db, owner, gate, plan, request, now, lease)
+    completion = transitions.regenerate(
+        runtime.db, owner, gate, plan, request, now, lease, workspace_id=WS
+    )
     assert completion.accepted is True
     assert completion.reset == ()
     assert [e.type for e in completion.events] == ["node.succeeded", "node.started"]

@@ -52,10 +52,12 @@ from imagegraph.store.tables import negative_prompts, workspaces
 
 log = logging.getLogger("imagegraph.batches")
 
-# How many items one dispatch transaction starts at most, and how often batches are looked
-# at when nothing wakes the dispatcher (items ended by another process).
-DISPATCH_CHUNK = 100
+# How many items one dispatch transaction starts at most (a big batch's first items start a
+# chunk at a time, each while the next is planned), and how often batches are looked at when
+# nothing wakes the dispatcher (items ended by another process).
+DISPATCH_CHUNK = 16
 TICK_SECONDS = 1.0
+WAKE_PAUSE_SECONDS = 0.05
 MAX_ISSUES = 20
 
 LoadWorkflow = Callable[[str, str, int | None], Awaitable[tuple[int, WorkflowDoc]]]
@@ -111,10 +113,14 @@ class Batches:
         if self._active:
             log.info("resuming %d running batches", len(self._active))
         self.engine.bus.on_end(lambda _event: self._wake.set())
+        if self.engine.worker is not None:
+            self.engine.worker.follow_up = self
         self._task = asyncio.create_task(self._loop(), name="imagegraph-batches")
         self._wake.set()
 
     async def stop(self) -> None:
+        if self.engine.worker is not None and self.engine.worker.follow_up is self:
+            self.engine.worker.follow_up = None
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -272,6 +278,9 @@ class Batches:
                     await self._wake.wait()
             except TimeoutError:
                 pass
+            # Items ending in this process start the next ones themselves (`after_item`):
+            # the dispatcher is for the rest, so ends that come together wake it once.
+            await asyncio.sleep(WAKE_PAUSE_SECONDS)
             self._wake.clear()
             for batch_id in sorted(self._active):
                 try:
@@ -292,35 +301,7 @@ class Batches:
             if not rows:
                 return
             prepared = await self._prepare(batch)
-            planned: list[tuple[int, NewExecution]] = []
-            invalid: list[tuple[int, dict[str, Any]]] = []
-            plans: dict[str, Plan] = {}
-            for row in rows:
-                try:
-                    graph, plan = self._plan(prepared, row["inputs"], row["seed"], row["variant"])
-                except InvalidInput as exc:
-                    invalid.append((row["id"], _error(exc)))
-                    continue
-                execution_id = new_id("exec")
-                plans[execution_id] = plan
-                planned.append(
-                    (
-                        row["id"],
-                        NewExecution(
-                            execution_id=execution_id,
-                            workspace_id=prepared.workspace_id,
-                            workflow_id=prepared.workflow_id,
-                            workflow_version=prepared.version,
-                            graph=graph.to_json(),
-                            inputs=dict(row["inputs"]),
-                            plan=plan,
-                            mode=prepared.mode,
-                            prices=prices(plan, prepared.mode),
-                            batch_id=batch_id,
-                            batch_item_id=row["id"],
-                        ),
-                    )
-                )
+            planned, invalid = self._plan_items(prepared, batch_id, rows)
             worker = self.engine.worker
             wanted = sum(len(spec.plan.sources) for _, spec in planned)
             lease = worker.reserve(wanted) if worker is not None else None
@@ -333,15 +314,52 @@ class Batches:
                     worker.release(lease)
             self.engine.bus.publish(done.events)
             if worker is not None:
-                by_execution: dict[str, list[Claim]] = {}
-                for claim in done.claims:
-                    by_execution.setdefault(claim.execution_id, []).append(claim)
-                for execution_id, claims in by_execution.items():
-                    worker.adopt(claims, plans[execution_id], prepared.workspace_id, prepared.mode)
+                worker.adopt_started(done.claims, [spec for _, spec in planned])
                 if len(done.claims) < wanted or done.backlog:
                     worker.note_backlog()
             if done.started + len(invalid) < len(rows):
                 return
+            await asyncio.sleep(0)  # the runs just claimed get going before the next chunk
+
+    def _plan_items(
+        self, prepared: _Prepared, batch_id: str, rows: Sequence[Mapping[str, Any]]
+    ) -> tuple[list[tuple[int, NewExecution]], list[tuple[int, dict[str, Any]]]]:
+        """Each pending item planned as the execution that runs it, or the reason it
+        cannot run (its values do not fit the workflow)."""
+        planned: list[tuple[int, NewExecution]] = []
+        invalid: list[tuple[int, dict[str, Any]]] = []
+        for row in rows:
+            try:
+                graph, plan = self._plan(prepared, row["inputs"], row["seed"], row["variant"])
+            except InvalidInput as exc:
+                invalid.append((row["id"], _error(exc)))
+                continue
+            spec = NewExecution(
+                execution_id=new_id("exec"),
+                workspace_id=prepared.workspace_id,
+                workflow_id=prepared.workflow_id,
+                workflow_version=prepared.version,
+                graph=graph.to_json(),
+                inputs=dict(row["inputs"]),
+                plan=plan,
+                mode=prepared.mode,
+                prices=prices(plan, prepared.mode),
+                batch_id=batch_id,
+                batch_item_id=row["id"],
+            )
+            planned.append((row["id"], spec))
+        return planned, invalid
+
+    def after_item(self, txn: Txn, batch_id: str, free: int) -> None:
+        """In the transaction that ended one of the batch's items: start its next ones at
+        once, so a slot never waits for the dispatcher (`transitions.BatchFollowUp`). A
+        batch this process has not prepared yet is left to the dispatcher."""
+        prepared = self._prepared.get(batch_id)
+        if prepared is None:
+            return
+        rows = store.pending_items(txn.conn, batch_id, free)
+        planned, invalid = self._plan_items(prepared, batch_id, rows)
+        _start_items(txn, batch_id, planned, invalid, free)
 
     async def _prepare(self, batch: Mapping[Any, Any]) -> _Prepared:
         prepared = self._prepared.get(batch["id"])
@@ -387,37 +405,54 @@ def _dispatch(
         batch = store.lock_batch(conn, batch_id)
         if batch is None or batch.status != BatchStatus.RUNNING.value:
             return done
-        room = batch.concurrency - batch.running
         txn = Txn(conn, now, lease)
-        failed = 0
-        for item_id, error in invalid:
-            failed += store.fail_item(conn, batch_id, item_id, error, now)
-        for item_id, spec in planned:
-            if done.started >= room:
-                break
-            if not store.start_item(conn, item_id, spec.execution_id, now):
-                continue
-            try:
-                add_execution(txn, spec)
-            except InsufficientCredits as exc:
-                failed += store.fail_item(
-                    conn,
-                    batch_id,
-                    item_id,
-                    {
-                        "code": "insufficient_credits",
-                        "message": f"the workspace has {exc.available:g} credits available; "
-                        f"this item costs {sum(spec.prices.values()):g}",
-                    },
-                    now,
-                )
-                continue
-            done.started += 1
-        store.count_started(conn, batch_id, done.started, failed, now)
+        done.started = _start_items(
+            txn, batch_id, planned, invalid, batch.concurrency - batch.running
+        )
         done.events = txn.flush()
         done.claims = txn.claims
         done.backlog = txn.backlog
     return done
+
+
+def _start_items(
+    txn: Txn,
+    batch_id: str,
+    planned: Sequence[tuple[int, NewExecution]],
+    invalid: Sequence[tuple[int, Mapping[str, Any]]],
+    room: int,
+) -> int:
+    """In the caller's transaction (holding the batch's row): start up to `room` items,
+    each with its execution; items that cannot start (no credits left, invalid) fail with
+    the reason. Returns how many started."""
+    conn, now = txn.conn, txn.now
+    failed = 0
+    started = 0
+    for item_id, error in invalid:
+        failed += store.fail_item(conn, batch_id, item_id, error, now)
+    for item_id, spec in planned:
+        if started >= room:
+            break
+        if not store.start_item(conn, item_id, spec.execution_id, now):
+            continue
+        try:
+            add_execution(txn, spec)
+        except InsufficientCredits as exc:
+            failed += store.fail_item(
+                conn,
+                batch_id,
+                item_id,
+                {
+                    "code": "insufficient_credits",
+                    "message": f"the workspace has {exc.available:g} credits available; "
+                    f"this item costs {sum(spec.prices.values()):g}",
+                },
+                now,
+            )
+            continue
+        started += 1
+    store.count_started(conn, batch_id, started, failed, now)
+    return started
 
 
 def _error(exc: InvalidInput) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -12,15 +13,15 @@ from PIL import Image
 from sqlalchemy import RowMapping
 
 from imagegraph.blobs import BlobStore, sha256_hex
+from imagegraph.engine.assets import AssetRecorder
 from imagegraph.engine.events import Event, EventBus
 from imagegraph.engine.lru import LRU
 from imagegraph.engine.processes import ProcessLost, ProcessPool
 from imagegraph.errors import NodeError, TransientNodeError
-from imagegraph.ids import new_id
 from imagegraph.netguard import SafeFetcher
 from imagegraph.nodes import imaging
 from imagegraph.nodes.base import AssetKind, RegenerationTarget
-from imagegraph.nodes.values import ImageValue, inherited_generation
+from imagegraph.nodes.values import ImageValue
 from imagegraph.providers.hub import ProviderHub
 from imagegraph.store import assets as asset_store
 from imagegraph.store.db import Database
@@ -78,7 +79,12 @@ class RunContext:
         self._loop = asyncio.get_running_loop()
         self.max_pixels = max_pixels
         self.regeneration_target = regeneration_target
-        self.new_assets: list[dict[str, Any]] = []
+        self._assets = AssetRecorder(workspace_id, execution_id, node_id, node_type, params_json)
+
+    @property
+    def new_assets(self) -> list[dict[str, Any]]:
+        """The asset rows of the images this run stored, inserted when it succeeds."""
+        return self._assets.new_assets
 
     @property
     def execution_id(self) -> str:
@@ -120,62 +126,22 @@ class RunContext:
         quality: int | None = None,
     ) -> ImageValue:
         if isinstance(image, ImageValue):  # stored already: a new asset of the same bytes
-            sha, fmt, width, height = image.sha256, image.format, image.width, image.height
-            size = image.size_bytes
-            if size is None:
-                size = len(self.read_bytes(image))
-        else:
-            data, fmt, width, height = imaging.for_storage(
-                image,
-                self.max_pixels,
-                format=format,
-                quality=quality,
-                intermediate=kind == "intermediate",
-            )
-            sha = self._blobs.put(data, sha256_hex(data))
-            size = len(data)
-            if isinstance(image, Image.Image):
-                self._images.put(sha, image)
-        gen = inherited_generation(generation, parents)
-        measured, review = inherited_quality(parents)
-        asset_id = new_id("asset")
-        self.new_assets.append(
-            {
-                "id": asset_id,
-                "workspace_id": self._workspace_id,
-                "kind": kind,
-                "sha256": sha,
-                "format": fmt,
-                "width": width,
-                "height": height,
-                "size_bytes": size,
-                "execution_id": self._execution_id,
-                "node_id": self._node_id,
-                "prompt": gen.get("prompt"),
-                "negative_prompt": gen.get("negativePrompt"),
-                "seed": gen.get("seed"),
-                "model": gen.get("model"),
-                "params": gen.get("params"),
-                "meta": {
-                    "generation": gen,
-                    "parents": [p.asset_id for p in parents],
-                    "operation": {
-                        "nodeId": self._node_id,
-                        "nodeType": self._node_type,
-                        "params": self._params_json,
-                    },
-                },
-                "filename": None,
-                # Present even when empty: a node's new assets are inserted by one statement,
-                # compiled for the columns of the first row.
-                "quality": measured or None,
-                "review_state": review,
-                "created_at": datetime.now(UTC),
-            }
+            if image.size_bytes is None:
+                image = replace(image, size_bytes=len(self.read_bytes(image)))
+            kept = self._assets.keep_image(image, parents=parents, generation=generation, kind=kind)
+            assert kept is not None  # its size is known
+            return kept
+        data, fmt, width, height = imaging.for_storage(
+            image,
+            self.max_pixels,
+            format=format,
+            quality=quality,
+            intermediate=kind == "intermediate",
         )
-        return ImageValue(
-            asset_id, sha, fmt, width, height, gen, quality=measured, review=review, size_bytes=size
-        )
+        sha = self._blobs.put(data, sha256_hex(data))
+        if isinstance(image, Image.Image):
+            self._images.put(sha, image)
+        return self._assets.record(sha, fmt, width, height, len(data), parents, generation, kind)
 
     async def run_cpu(
         self, fn: Callable[..., T], *args: Any, pixels: int | None = None, urgent: bool = True
@@ -231,17 +197,6 @@ class RunContext:
             created_at=datetime.now(UTC),
         )
         self._bus.publish_threadsafe([event])
-
-
-def inherited_quality(parents: Sequence[ImageValue]) -> tuple[dict[str, Any], str | None]:
-    """A new image's quality measurements (its parents', merged; the first parent's win) and
-    review state (that of the first parent with one)."""
-    measured: dict[str, Any] = {}
-    for parent in reversed(parents):
-        if parent.quality:
-            measured.update(parent.quality)
-    review = next((p.review for p in parents if p.review), None)
-    return measured, review
 
 
 def asset_value(row: Mapping[str, Any] | RowMapping) -> ImageValue:

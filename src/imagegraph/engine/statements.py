@@ -178,6 +178,25 @@ SETTLE_RUN = Prepared(
         error=bindparam("b_error"),
     )
 )
+# A run whose outputs follow at once from its inputs (`Node.settle`): succeeded without running.
+SETTLE_AT_ONCE = Prepared(
+    update(node_runs)
+    .where(
+        R.execution_id == bindparam("b_execution"),
+        R.node_id == bindparam("b_node"),
+        or_(R.state == RunState.PENDING.value, R.state == RunState.QUEUED.value),
+    )
+    .values(
+        state=RunState.SUCCEEDED.value,
+        attempt=R.attempt + 1,
+        outputs=bindparam("b_outputs"),
+        model=bindparam("b_model"),
+        progress=1.0,
+        started_at=bindparam("b_now"),
+        finished_at=bindparam("b_now2"),
+        duration_ms=0.0,
+    )
+)
 COUNT_DOWN = Prepared(
     update(executions)
     .where(E.id == bindparam("b_id"))

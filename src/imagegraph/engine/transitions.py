@@ -28,16 +28,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, insert, select, update
 
 from imagegraph.engine import statements as sql
+from imagegraph.engine.assets import AssetRecorder
 from imagegraph.engine.events import Event
 from imagegraph.engine.states import TERMINAL_EXECUTION, TERMINAL_RUN, ExecutionStatus, RunState
 from imagegraph.errors import Conflict, NotFound
 from imagegraph.graph.plan import Plan, PlanNode
-from imagegraph.nodes.values import encode_value
+from imagegraph.nodes.values import decode_value, encode_value
 from imagegraph.store import batches as batch_store
 from imagegraph.store import webhooks as webhook_store
 from imagegraph.store.db import Database
@@ -121,17 +122,37 @@ class Completion:
     claims: list[Claim] = field(default_factory=list)
     # The runs a quality gate sent back to run again (see `regenerate`).
     reset: tuple[str, ...] = ()
+    # Executions this transaction started (a batch's next items), whose runs it may claim.
+    started: list[NewExecution] = field(default_factory=list)
+
+
+class BatchFollowUp(Protocol):
+    """Starts a batch's next items in the transaction that ended one of its items."""
+
+    def after_item(self, txn: Txn, batch_id: str, free: int) -> None:
+        """The batch has `free` slots now (and items pending): start up to that many, with
+        `add_execution(txn, ...)`."""
+        ...
 
 
 class Txn:
-    """What one transaction records besides its statements: events and new claims."""
+    """What one transaction records besides its statements: events, new claims, and the
+    executions it started (their plans, for whoever runs them next)."""
 
-    def __init__(self, conn: Connection, now: datetime, lease: Lease | None) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        now: datetime,
+        lease: Lease | None,
+        follow_up: BatchFollowUp | None = None,
+    ) -> None:
         self.conn = conn
         self.now = now
         self.lease = lease
+        self.follow_up = follow_up
         self.rows: list[dict[str, Any]] = []
         self.claims: list[Claim] = []
+        self.started: list[NewExecution] = []
         # Runs made runnable that the lease had no room for: the claim loop takes them.
         self.backlog = 0
 
@@ -282,6 +303,7 @@ def add_execution(txn: Txn, spec: NewExecution) -> None:
     Raises InsufficientCredits, having written nothing, when the workspace cannot cover
     the execution's price."""
     conn, now, plan = txn.conn, txn.now, spec.plan
+    txn.started.append(spec)
     sources = set(plan.sources)
     lease = txn.lease
     claiming = lease is not None and lease.limit - len(txn.claims) >= len(sources)
@@ -351,7 +373,7 @@ def add_execution(txn: Txn, spec: NewExecution) -> None:
             outputs=_brief(outputs),
         )
     states: RunStates = {node_id: (RunState.SUCCEEDED, out) for node_id, out in settled.items()}
-    _, skipped = _settle_successors(txn, plan, execution_id, states)
+    _, skipped = _settle_successors(txn, plan, execution_id, spec.workspace_id, states)
     if skipped:
         _count_down(txn, execution_id, skipped, 0.0)
 
@@ -453,6 +475,8 @@ class Finished:
     plan: Plan
     outcome: Success | Failure
     lease: Lease | None = None
+    # The execution's workspace (whose are the assets of runs settled on the way).
+    workspace_id: str = field(kw_only=True)
 
 
 def complete(
@@ -463,6 +487,8 @@ def complete(
     outcome: Success | Failure,
     now: datetime,
     lease: Lease | None = None,
+    *,
+    workspace_id: str,
 ) -> Completion:
     """Record the outcome of a claimed node run and settle what follows from it; successors
     that become runnable are claimed for `lease.owner` while it has room.
@@ -470,32 +496,36 @@ def complete(
     Returns `accepted=False`, changing nothing, when the lease is no longer ours (the run was
     cancelled, or its lease expired and another worker took it over).
     """
-    return complete_many(db, owner, [Finished(claim, plan, outcome, lease)], now)[0]
+    finished = Finished(claim, plan, outcome, lease, workspace_id=workspace_id)
+    return complete_many(db, owner, [finished], now)[0]
 
 
 def complete_many(
-    db: Database, owner: str, finished: Sequence[Finished], now: datetime
+    db: Database,
+    owner: str,
+    finished: Sequence[Finished],
+    now: datetime,
+    follow_up: BatchFollowUp | None = None,
 ) -> list[Completion]:
     """`complete` for several runs in one transaction (group commit): one BEGIN/COMMIT and
     one insert of events for all of them."""
     with db.write() as conn:
-        txns = [Txn(conn, now, item.lease) for item in finished]
+        txns = [Txn(conn, now, item.lease, follow_up) for item in finished]
         completions = [
-            _complete(txn, owner, item.claim, item.plan, item.outcome)
-            for txn, item in zip(txns, finished, strict=True)
+            _complete(txn, owner, item) for txn, item in zip(txns, finished, strict=True)
         ]
         rows = [row for txn in txns for row in txn.rows]
         if rows:
             sql.INSERT_EVENTS.execute(conn, rows)
         for txn, completion in zip(txns, completions, strict=True):
             completion.events = txn.events()
+            completion.started = txn.started
         return completions
 
 
-def _complete(
-    txn: Txn, owner: str, claim: Claim, plan: Plan, outcome: Success | Failure
-) -> Completion:
+def _complete(txn: Txn, owner: str, item: Finished) -> Completion:
     conn = txn.conn
+    claim, plan, outcome = item.claim, item.plan, item.outcome
     owned = {"b_id": claim.run_id, "b_owner": owner, "b_attempt": claim.attempt}
     if isinstance(outcome, Failure) and outcome.retry_at is not None:
         done = sql.RETRY_RUN.execute(
@@ -579,7 +609,7 @@ def _complete(
 
     state = RunState.SUCCEEDED if succeeded else RunState.FAILED
     queued, settled = _settle_successors(
-        txn, plan, claim.execution_id, {claim.node_id: (state, outputs)}
+        txn, plan, claim.execution_id, item.workspace_id, {claim.node_id: (state, outputs)}
     )
     finished = _count_down(txn, claim.execution_id, 1 + settled, credits)
     return Completion(accepted=True, queued=queued, finished=finished, claims=txn.claims)
@@ -611,6 +641,8 @@ def regenerate(
     request: Regeneration,
     now: datetime,
     lease: Lease | None = None,
+    *,
+    workspace_id: str,
 ) -> Completion:
     """Send a generation back from the quality gate of `claim`, in one transaction.
 
@@ -628,15 +660,20 @@ def regenerate(
     """
     with db.write() as conn:
         txn = Txn(conn, now, lease)
-        completion = _regenerate(txn, owner, claim, plan, request)
+        completion = _regenerate(
+            txn,
+            owner,
+            Finished(claim, plan, request.instead, lease, workspace_id=workspace_id),
+            request,
+        )
         completion.events = txn.flush()
         return completion
 
 
-def _regenerate(
-    txn: Txn, owner: str, claim: Claim, plan: Plan, request: Regeneration
-) -> Completion:
+def _regenerate(txn: Txn, owner: str, judged: Finished, request: Regeneration) -> Completion:
+    """`judged` is the gate's run, with what to record if it sends nothing back after all."""
     conn = txn.conn
+    claim, plan = judged.claim, judged.plan
     path = plan.between(request.target, claim.node_id)
     rows = {
         r.node_id: r
@@ -658,16 +695,13 @@ def _regenerate(
         or target.state != RunState.SUCCEEDED.value
         or target.regenerations != request.seen
     ):
-        return _complete(txn, owner, claim, plan, request.instead)
+        return _complete(txn, owner, judged)
 
     # Runs that were charged are paid for again; the holds of the others are still there.
     held = round(sum(r.price for r in rows.values() if r.state == RunState.SUCCEEDED.value), 6)
     if held > 0:
-        workspace_id = conn.execute(
-            select(executions.c.workspace_id).where(executions.c.id == claim.execution_id)
-        ).scalar_one()
         try:
-            _hold(conn, workspace_id, held)
+            _hold(conn, judged.workspace_id, held)
         except InsufficientCredits as exc:
             message = (
                 f"making {request.target} again costs {held:g} credits and the workspace "
@@ -682,7 +716,10 @@ def _regenerate(
                 "target": request.target,
                 "attempt": claim.attempt,
             }
-            return _complete(txn, owner, claim, plan, Failure(error, request.duration_ms))
+            failed = Finished(
+                claim, plan, Failure(error, request.duration_ms), workspace_id=judged.workspace_id
+            )
+            return _complete(txn, owner, failed)
 
     adjust = {**(target.adjust or {}), **request.adjust}
     on_path = set(path)
@@ -774,13 +811,14 @@ RunStates = dict[str, tuple[RunState, Mapping[str, Any] | None]]
 
 
 def _settle_successors(
-    txn: Txn, plan: Plan, execution_id: str, settled_now: RunStates
+    txn: Txn, plan: Plan, execution_id: str, workspace_id: str, settled_now: RunStates
 ) -> tuple[int, int]:
     """Decide every successor whose inputs are now all settled, transitively.
 
     `settled_now` holds the runs this transaction settled, with their states and outputs;
     a successor whose predecessors are all among them is decided without reading anything.
-    Returns (runs made runnable, runs settled without running).
+    A runnable successor whose outputs follow at once from its inputs (`Node.settle`)
+    succeeds right here instead. Returns (runs made runnable, runs settled without running).
     """
     known: RunStates = dict(settled_now)
     queued = 0
@@ -799,6 +837,13 @@ def _settle_successors(
                 continue  # some input is not settled yet; its completion will decide
             decided.add(succ_id)
             decision, detail = decide(succ, preds)
+            if decision is RunState.QUEUED and succ.node.settles:
+                outputs = _settle_at_once(txn, workspace_id, execution_id, succ, preds)
+                if outputs is not None:
+                    settled_count += 1
+                    known[succ_id] = (RunState.SUCCEEDED, outputs)
+                    work.append(succ_id)
+                    continue
             if decision is RunState.QUEUED:
                 if not txn.try_claim(execution_id, succ_id):
                     if not _settle(txn, execution_id, succ_id, decision, next_at=txn.now):
@@ -823,6 +868,51 @@ def _settle_successors(
                     reason=detail["message"],
                 )
     return queued, settled_count
+
+
+def _settle_at_once(
+    txn: Txn, workspace_id: str, execution_id: str, node: PlanNode, preds: RunStates
+) -> dict[str, Any] | None:
+    """Record `node` as succeeded with the outputs it settles from its inputs, if it does
+    (`Node.settle`), with the assets it recorded; its encoded outputs, or None."""
+    values = {
+        pred: {port: decode_value(value) for port, value in (outputs or {}).items()}
+        for pred, (state, outputs) in preds.items()
+        if state is RunState.SUCCEEDED
+    }
+    recorder = AssetRecorder(workspace_id, execution_id, node.id, node.type, node.params_json)
+    settled = node.node.settle(node.params, node.input_values(values), recorder)
+    if settled is None or not set(settled) <= set(node.output_types):
+        return None
+    outputs = {port: encode_value(value) for port, value in settled.items()}
+    done = sql.SETTLE_AT_ONCE.execute(
+        txn.conn,
+        {
+            "b_execution": execution_id,
+            "b_node": node.id,
+            "b_outputs": outputs,
+            "b_model": node.node.model(node.params),
+            "b_now": txn.now,
+            "b_now2": txn.now,
+        },
+    ).rowcount
+    if not done:
+        return None
+    if recorder.new_assets:
+        sql.INSERT_ASSETS.execute(txn.conn, recorder.new_assets)
+    txn.event(execution_id, "node.started", node.id, nodeType=node.type, attempt=1)
+    txn.event(
+        execution_id,
+        "node.succeeded",
+        node.id,
+        nodeType=node.type,
+        attempt=1,
+        durationMs=0.0,
+        cached=False,
+        credits=0.0,
+        outputs=_brief(outputs),
+    )
+    return outputs
 
 
 def _predecessor_states(
@@ -939,17 +1029,22 @@ def _count_down(
     ).one()
     kind = "execution.completed" if status is ExecutionStatus.COMPLETED else "execution.failed"
     txn.event(execution_id, kind, status=status.value, error=error)
-    _ended(conn, ended, kind, txn.now, row.credits_held)
+    _ended(txn, ended, kind, row.credits_held)
     return status
 
 
-def _ended(conn: Connection, row: Any, kind: str, now: datetime, held: float) -> None:
+def _ended(txn: Txn, row: Any, kind: str, held: float) -> None:
     """What every execution end does besides its status: release the credits still held
-    for it (`held`), and write the webhook deliveries that announce it."""
+    for it (`held`), record its batch item's end (and start the batch's next items, when
+    the transaction knows how: `txn.follow_up`), and write the webhook deliveries that
+    announce it."""
+    conn, now = txn.conn, txn.now
     if held:
         sql.RELEASE_HOLD.execute(conn, {"b_ws": row.workspace_id, "b_amount": held})
     if row.batch_item_id is not None:
-        batch_store.item_ended(conn, row, now)
+        ended = batch_store.item_ended(conn, row, now)
+        if ended is not None and ended.free > 0 and txn.follow_up is not None:
+            txn.follow_up.after_item(txn, ended.batch_id, ended.free)
     data = {
         "executionId": row.id,
         "workflowId": row.workflow_id,
@@ -997,7 +1092,7 @@ def cancel_execution(
             .returning(*sql.ENDED_COLUMNS)
         ).one()
         txn.event(execution_id, "execution.cancelled", status=ExecutionStatus.CANCELLED.value)
-        _ended(conn, ended, "execution.cancelled", now, row.credits_held)
+        _ended(txn, ended, "execution.cancelled", row.credits_held)
         return txn.flush()
 
 
@@ -1030,7 +1125,7 @@ def fail_execution(
         txn.event(
             execution_id, "execution.failed", status=ExecutionStatus.FAILED.value, error=dict(error)
         )
-        _ended(conn, ended, "execution.failed", now, row.credits_held)
+        _ended(txn, ended, "execution.failed", row.credits_held)
         return txn.flush()
 
 

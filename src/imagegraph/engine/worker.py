@@ -38,11 +38,13 @@ from imagegraph.engine.events import EventBus
 from imagegraph.engine.lru import LRU
 from imagegraph.engine.processes import shared_pool
 from imagegraph.engine.transitions import (
+    BatchFollowUp,
     Claim,
     Completion,
     Failure,
     Finished,
     Lease,
+    NewExecution,
     Regeneration,
     Success,
 )
@@ -66,6 +68,11 @@ from imagegraph.store.db import Database
 log = logging.getLogger("imagegraph.worker")
 
 CLAIM_BATCH = 64
+# Outcomes recorded together in one transaction at most.
+GROUP_COMMIT = 4
+# Room a completion reserves beyond its successors, for the first runs of the executions it
+# may start (a batch's next items).
+FOLLOW_UP_ROOM = 4
 
 
 def utcnow() -> datetime:
@@ -133,6 +140,8 @@ class Worker:
             tuple[Finished, Mapping[str, Any] | None, asyncio.Future[Completion]]
         ] = []
         self._flusher: asyncio.Task[None] | None = None
+        # Starts a batch's next items in the transaction that ends one (set by the batches).
+        self.follow_up: BatchFollowUp | None = None
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._executions: LRU[str, _Execution] = LRU(max_weight=2048)
@@ -225,6 +234,15 @@ class Worker:
             # Not in `_execute`'s `finally`: a task cancelled before its first step never
             # enters its body.
             task.add_done_callback(functools.partial(self._ended, claim.run_id))
+
+    def adopt_started(self, claims: Iterable[Claim], started: Iterable[NewExecution]) -> None:
+        """Start runs claimed by a transaction that may also have started executions: those
+        executions' plans are at hand, so nothing is read back to run them."""
+        for spec in started:
+            self._executions.put(
+                spec.execution_id, _Execution(spec.plan, spec.workspace_id, spec.mode)
+            )
+        self.adopt(claims)
 
     def _ended(self, run_id: int, task: asyncio.Task[None]) -> None:
         flight = self._inflight.get(run_id)
@@ -351,11 +369,15 @@ class Worker:
             plan = execution.plan
             attempt = await self._attempt(claim, execution, plan.nodes[claim.node_id])
             if isinstance(attempt.outcome, Regeneration):
-                await self._regenerate(claim, plan, attempt.outcome)
+                await self._regenerate(claim, execution, attempt.outcome)
                 return
-            lease = self.reserve(len(plan.nodes[claim.node_id].successors), finishing=1)
+            room = len(plan.nodes[claim.node_id].successors) + FOLLOW_UP_ROOM
+            lease = self.reserve(room, finishing=1)
             try:
-                await self._record(Finished(claim, plan, attempt.outcome, lease), attempt.values)
+                finished = Finished(
+                    claim, plan, attempt.outcome, lease, workspace_id=execution.workspace_id
+                )
+                await self._record(finished, attempt.values)
             finally:
                 self.release(lease)
         except asyncio.CancelledError:
@@ -383,11 +405,13 @@ class Worker:
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # let this turn's other completions join the batch
         while self._finished:
-            batch, self._finished = self._finished, []
+            # A few at a time: what the first ones make runnable starts while the rest are
+            # recorded, instead of every one waiting for the longest transaction.
+            batch, self._finished = self._finished[:GROUP_COMMIT], self._finished[GROUP_COMMIT:]
             items = [item for item, _, _ in batch]
             try:
                 completions = await self.db.run(
-                    transitions.complete_many, self.db, self.owner, items, utcnow()
+                    transitions.complete_many, self.db, self.owner, items, utcnow(), self.follow_up
                 )
             except Exception:
                 # One bad outcome must not sink the others: record them one by one.
@@ -395,7 +419,12 @@ class Worker:
                 for item, values, future in batch:
                     try:
                         [single] = await self.db.run(
-                            transitions.complete_many, self.db, self.owner, [item], utcnow()
+                            transitions.complete_many,
+                            self.db,
+                            self.owner,
+                            [item],
+                            utcnow(),
+                            self.follow_up,
                         )
                     except Exception as exc:
                         if not future.done():
@@ -409,6 +438,8 @@ class Worker:
                 self._after(item.claim, completion, values)
                 if not future.done():
                     future.set_result(completion)
+            if self._finished:
+                await asyncio.sleep(0)  # the runs just started get going first
 
     def _after(
         self, claim: Claim, completion: Completion, values: Mapping[str, Any] | None
@@ -423,7 +454,7 @@ class Worker:
         self.bus.publish(completion.events)
         if values is not None:
             self._remember_outputs(claim.execution_id, claim.node_id, values)
-        self.adopt(completion.claims)
+        self.adopt_started(completion.claims, completion.started)
         if completion.queued > len(completion.claims):
             self.note_backlog()  # runnable successors this worker had no room for
         if completion.finished is not None:
@@ -544,7 +575,7 @@ class Worker:
             params_model=target.node.params_model,
         )
 
-    async def _regenerate(self, claim: Claim, plan: Plan, request: Regeneration) -> None:
+    async def _regenerate(self, claim: Claim, execution: _Execution, request: Regeneration) -> None:
         """Send a generation back (one transaction), then start what it made runnable."""
         lease = self.reserve(1, finishing=1)
         try:
@@ -553,10 +584,11 @@ class Worker:
                 self.db,
                 self.owner,
                 claim,
-                plan,
+                execution.plan,
                 request,
                 utcnow(),
                 lease,
+                workspace_id=execution.workspace_id,
             )
         finally:
             self.release(lease)
@@ -636,23 +668,7 @@ class Worker:
                 decoded = {port: decode_value(v) for port, v in (raw or {}).items()}
                 outputs[pred] = decoded
                 self._remember_outputs(execution_id, pred, decoded)
-        inputs: dict[str, Any] = {}
-        for port in pnode.node.input_ports(pnode.params):
-            values = [
-                outputs[edge.source][edge.source_port]
-                for edge in pnode.inputs.get(port.name, ())
-                if edge.source_port in outputs.get(edge.source, {})
-            ]
-            if not values:
-                continue
-            if port.multiple:
-                flat: list[Any] = []
-                for value in values:
-                    flat.extend(value if isinstance(value, list) else [value])
-                inputs[port.name] = flat
-            else:
-                inputs[port.name] = values[0]
-        return inputs
+        return pnode.input_values(outputs)
 
 
 def _adjusted(

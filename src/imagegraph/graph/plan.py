@@ -43,6 +43,28 @@ class PlanNode:
         """The params as JSON (camelCase), as recorded on assets and hashed into cache keys."""
         return self.params.model_dump(mode="json", by_alias=True)
 
+    def input_values(self, outputs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """This node's inputs by port, from its predecessors' outputs (by node, then port).
+        A port with several edges into it (`multiple`) gets a list, in edge order; a port no
+        live edge feeds is left out."""
+        inputs: dict[str, Any] = {}
+        for port in self.node.input_ports(self.params):
+            values = [
+                outputs[edge.source][edge.source_port]
+                for edge in self.inputs.get(port.name, ())
+                if edge.source_port in outputs.get(edge.source, {})
+            ]
+            if not values:
+                continue
+            if port.multiple:
+                flat: list[Any] = []
+                for value in values:
+                    flat.extend(value if isinstance(value, list) else [value])
+                inputs[port.name] = flat
+            else:
+                inputs[port.name] = values[0]
+        return inputs
+
 
 @dataclass(frozen=True)
 class Plan:

@@ -192,6 +192,22 @@ class NodeContext(Protocol):
         ...
 
 
+class Recorder(Protocol):
+    """What a node settled without running (`Node.settle`) may do: record a new asset of an
+    image that is stored already, reading and writing nothing."""
+
+    def keep_image(
+        self,
+        image: ImageValue,
+        *,
+        parents: Sequence[ImageValue] = (),
+        generation: Mapping[str, Any] | None = None,
+        kind: AssetKind = "intermediate",
+    ) -> ImageValue | None:
+        """A new asset of `image`'s bytes; None when that would take reading the store."""
+        ...
+
+
 SANDBOX_TYPE = "generate:sandbox"
 
 
@@ -213,6 +229,8 @@ class Node(ABC, Generic[P]):
     input_param: str | None = None
     # Hosted models: the provider routes that can serve the node, in order of preference.
     routes: tuple[Route, ...] = ()
+    # Whether `settle` may answer for this node type (asked before its inputs are gathered).
+    settles: bool = False
 
     @property
     def category(self) -> str:
@@ -273,6 +291,13 @@ class Node(ABC, Generic[P]):
         """The outputs, when they follow from the params alone (no inputs, no I/O, nothing
         to pay): the run is then recorded as succeeded in the transaction that creates the
         execution, and its successors start at once. None: the node runs as usual."""
+        return None
+
+    def settle(self, params: P, inputs: Inputs, recorder: Recorder) -> Outputs | None:
+        """The outputs, when they follow at once from the params and inputs with no I/O and
+        nothing to compute or pay (an image that is stored already, recorded as an output):
+        the run is then recorded as succeeded in the transaction that makes it ready, with
+        no run of its own. None: the node runs as usual. Asked only if `settles` is set."""
         return None
 
     def unavailable(self) -> str | None:

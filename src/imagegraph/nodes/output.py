@@ -9,7 +9,8 @@ from pydantic import Field
 from imagegraph.errors import Issue
 from imagegraph.graph.ports import InputPort, OutputPort, PortType
 from imagegraph.nodes import imaging
-from imagegraph.nodes.base import Inputs, Node, NodeContext, NodeParams, Outputs
+from imagegraph.nodes.base import Inputs, Node, NodeContext, NodeParams, Outputs, Recorder
+from imagegraph.nodes.values import ImageValue
 
 
 class OutputParams(NodeParams):
@@ -45,9 +46,20 @@ class OutputImage(Node[OutputParams]):
             ]
         return []
 
+    # In its original format, the output is a new asset of the stored bytes: nothing to read,
+    # write or compute, so it is recorded in the transaction that gives it its image.
+    settles = True
+
+    def settle(self, params: OutputParams, inputs: Inputs, recorder: Recorder) -> Outputs | None:
+        source = inputs.get("image")
+        if not isinstance(source, ImageValue) or not _kept_as_is(params, source):
+            return None
+        kept = recorder.keep_image(source, parents=[source], kind="output")
+        return None if kept is None else {"image": kept}
+
     async def run(self, ctx: NodeContext, params: OutputParams, inputs: Inputs) -> Outputs:
         source = inputs["image"]
-        if params.format in ("original", source.format) and params.quality is None:
+        if _kept_as_is(params, source):
             # The stored bytes as they are: a new asset of them, nothing to read or write.
             return {"image": ctx.store_image(source, parents=[source], kind="output")}
 
@@ -67,3 +79,7 @@ class OutputImage(Node[OutputParams]):
             return {"image": stored}
 
         return await ctx.run_cpu(convert, pixels=source.width * source.height)
+
+
+def _kept_as_is(params: OutputParams, source: ImageValue) -> bool:
+    return params.format in ("original", source.format) and params.quality is None

@@ -159,8 +159,15 @@ def next_items(
         free = min(limit, batch.concurrency - batch.running)
         if free <= 0:
             return batch._asdict(), []
-        rows = _NEXT.execute(conn, {"b_batch": batch_id, "b_limit": free}).all()
-    return batch._asdict(), [r._asdict() for r in rows]
+        rows = pending_items(conn, batch_id, free)
+    return batch._asdict(), rows
+
+
+def pending_items(conn: Connection, batch_id: str, limit: int) -> list[dict[str, Any]]:
+    """Up to `limit` of the batch's pending items that run themselves (not duplicates), in
+    order (in the caller's transaction)."""
+    rows = _NEXT.execute(conn, {"b_batch": batch_id, "b_limit": limit}).all()
+    return [r._asdict() for r in rows]
 
 
 # Run for every item a batch starts or ends: prepared (see `Prepared`).
@@ -249,9 +256,17 @@ def _duplicates(conn: Connection, batch_id: str, item_id: int) -> list[int]:
     )
 
 
-def item_ended(conn: Connection, execution: Any, now: datetime) -> bool:
+@dataclass(frozen=True)
+class ItemEnded:
+    batch_id: str
+    # Slots the batch has free now for items still pending (0 when none is, or it ended).
+    free: int
+
+
+def item_ended(conn: Connection, execution: Any, now: datetime) -> ItemEnded | None:
     """Record the end of a batch item's execution (in the transaction that ends it); the
-    items deduped onto it end the same way. Returns True when the batch ended with it."""
+    items deduped onto it end the same way, and the batch ends when nothing is left to run.
+    None when the item had ended already (a batch cancelled meanwhile, say)."""
     status = _END.get(execution.status, ItemStatus.CANCELLED)
     item = _ITEM_ENDED.execute(
         conn,
@@ -265,7 +280,7 @@ def item_ended(conn: Connection, execution: Any, now: datetime) -> bool:
         },
     ).first()
     if item is None:
-        return False
+        return None
     twins = _TWINS_ENDED.execute(
         conn,
         {
@@ -285,9 +300,12 @@ def item_ended(conn: Connection, execution: Any, now: datetime) -> bool:
     )
     if status is ItemStatus.COMPLETED:
         _REVIEW_OUTPUTS.execute(conn, {"b_exec": execution.id})
-    if left.pending or left.running:
-        return False  # items are left to run: the batch goes on
-    return _maybe_finish(conn, item.batch_id, now)
+    if left.pending or left.running:  # the batch goes on
+        running = left.status == BatchStatus.RUNNING.value
+        free = left.concurrency - left.running if left.pending and running else 0
+        return ItemEnded(item.batch_id, max(0, free))
+    _maybe_finish(conn, item.batch_id, now)
+    return ItemEnded(item.batch_id, 0)
 
 
 _ITEM_ENDED = Prepared(
@@ -332,7 +350,7 @@ _COUNT_ENDED = {
                 B.credits: B.credits + bindparam("b_credits"),
             }
         )
-        .returning(B.pending, B.running)
+        .returning(B.pending, B.running, B.concurrency, B.status)
     )
     for status, column in _COUNTER.items()
 }
