@@ -11,7 +11,8 @@ workflow (input:text -> generate:sandbox 64x64 with `delayMs` -> output:image) o
     against the ideal items / concurrency * delay (10 s), and against a direct baseline
     measured in this process: the same number of sandbox renders, each after the same
     sleep, under a semaphore of the same size (no server, no database).
-(b) server memory: VmRSS idle and VmHWM (peak) for the 2,000-item batch and for a
+(b) server memory (the server and its worker process, which draws the sandbox's pictures):
+    VmRSS idle and VmHWM (peak) for the 2,000-item batch and for a
     10,000-item batch (delayMs=100, concurrency 100, so its ideal is also 10 s), each on a
     fresh server with the decoded-image cache bounded at 16 MiB; also the time to accept
     the 10,000 items in one request and to read progress.

@@ -299,19 +299,45 @@ def server_command() -> list[str]:
     return [sys.executable, "-c", "from imagegraph.cli import main; main()"]
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live child processes of a process (the server's worker processes), from /proc."""
+    found: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as children:
+                found += [int(child) for child in children.read().split()]
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+    return found
+
+
 def process_cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process has used (all its threads), from /proc."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User plus system CPU time a process and its live children have used (all their
+    threads), from /proc."""
+    total = 0.0
+    for each in [pid, *child_pids(pid)]:
+        try:
+            with open(f"/proc/{each}/stat", encoding="ascii") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def read_status_kb(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
+    """A /proc status figure of a process plus those of its live children (memory of the
+    server and its worker processes, together)."""
+    total = 0
+    for each in [pid, *child_pids(pid)]:
+        try:
+            with open(f"/proc/{each}/status", encoding="ascii") as status:
+                total += next(
+                    (int(line.split()[1]) for line in status if line.startswith(key + ":")), 0
+                )
+        except FileNotFoundError:
+            continue
+    return total
 
 
 class Server:
