@@ -24,8 +24,9 @@ $(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/imagegraph serve
 
+# On every core (pytest-xdist); `.venv/bin/pytest path::test` runs one test in this process.
 test: $(VENV)/.installed-dev
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks
