@@ -290,6 +290,41 @@ async def test_an_outage_opens_the_circuit_and_the_next_route_serves(
     assert replicate.accepted == 2
 
 
+async def test_a_few_refused_submits_among_accepted_ones_do_not_open_the_circuit(
+    settings: Settings, fakes: dict[str, FakeProvider]
+) -> None:
+    """Submits go out in bursts and their jobs end a while later: an accepted submit counts
+    as a success for the circuit at once, so two 503s with an accepted job between them are
+    not two failures in a row."""
+    fal, replicate = fakes["fal"], fakes["replicate"]
+    fal.latency = 2.0  # no job ends before the last submit below
+
+    async def submitted(count: int) -> None:
+        async with asyncio.timeout(10):
+            while fal.requests["submit"] < count:
+                await asyncio.sleep(0.01)
+
+    async with serving(settings, fal, replicate, breaker_failures=2, node_max_attempts=4) as (
+        _,
+        client,
+    ):
+        document = generating("generate:flux_dev", width=256, height=256)
+        fal.faults.add("submit", Fault(status=503, body={"detail": "busy"}))
+        first = await start(client, document)
+        await submitted(2)  # refused, then accepted on its retry
+        second = await start(client, generating("generate:flux_dev", width=256, seed=2))
+        await submitted(3)
+        fal.faults.add("submit", Fault(status=503, body={"detail": "busy"}))
+        third = await start(client, generating("generate:flux_dev", width=256, seed=3))
+        records = [await finished(client, e) for e in (first, second, third)]
+
+    assert [r["status"] for r in records] == ["COMPLETED"] * 3
+    assert [gen_run(r)["provider"]["provider"] for r in records] == ["fal"] * 3
+    assert all(gen_run(r)["provider"]["skipped"] == [] for r in records)
+    assert replicate.accepted == 0
+    assert fal.accepted == 3
+
+
 async def test_after_an_outage_the_half_open_circuit_lets_the_node_through(
     settings: Settings, fakes: dict[str, FakeProvider]
 ) -> None:

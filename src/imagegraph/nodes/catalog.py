@@ -437,6 +437,9 @@ async def _submit(
             raise error from None
         break
     if isinstance(started, Job):
+        # Accepted: the provider is answering. Counted now, not when the job ends a minute
+        # later, or a burst of submits with a few 503s in it reads as failures in a row.
+        hub.breaker(route).success()
         await ctx.save_provider_job({**record, "job": started.to_json()})
     return started
 
