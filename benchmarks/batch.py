@@ -59,7 +59,7 @@ from benchmarks.orchestration import (
     running,
 )
 
-from imagegraph.nodes.sandbox import render
+from imagegraph.drawing import render
 
 IMAGE_SIZE = 64
 # How often progress is read while a batch runs (as a progress bar would).

@@ -9,9 +9,9 @@ import zlib
 import pytest
 from PIL import Image, ImageChops, ImageFile, ImageStat
 
+from imagegraph.drawing import render
 from imagegraph.errors import InvalidImage
 from imagegraph.nodes import imaging
-from imagegraph.nodes.sandbox import render
 
 MAX_PIXELS = 50_000_000
 SUPPORTED = ("avif", "bmp", "gif", "jpeg", "png", "tiff", "webp")

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image, ImageChops, ImageStat
 from pydantic import ValidationError
 
+from imagegraph import drawing
 from imagegraph.errors import NodeError
 from imagegraph.nodes import builtin_registry, imaging, sandbox
 from imagegraph.nodes.base import Outputs
@@ -197,6 +198,7 @@ async def test_sandbox_without_delay_reports_no_progress() -> None:
     ctx, _ = await generate()
 
     assert ctx.progress_calls == []
+    assert ctx.process_calls == 1
 
 
 # image:resize
@@ -358,7 +360,7 @@ async def test_upscale_refuses_a_result_over_the_pixel_limit() -> None:
 
 
 def detailed_image() -> Image.Image:
-    return sandbox.render("a detailed test picture", "", 3, 128, 128, 30, 7.5)
+    return drawing.render("a detailed test picture", "", 3, 128, 128, 30, 7.5)
 
 
 def format_of(data: bytes) -> str:

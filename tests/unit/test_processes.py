@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from imagegraph.drawing import render, render_png
 from imagegraph.engine.processes import ProcessLost, ProcessPool
-from imagegraph.nodes.sandbox import render, render_png
 from imagegraph.testing.context import MemoryContext
 
 

@@ -12,9 +12,9 @@ from PIL import Image, ImageFilter
 from pydantic import ValidationError
 
 from imagegraph import quality
+from imagegraph.drawing import render
 from imagegraph.nodes import builtin_registry
 from imagegraph.nodes.base import Outputs
-from imagegraph.nodes.sandbox import render
 from imagegraph.nodes.values import ImageValue
 from imagegraph.testing import MemoryContext
 

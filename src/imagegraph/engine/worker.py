@@ -156,9 +156,9 @@ class Worker:
         # executions are waiting for.
         self._background = ThreadPoolExecutor(1, thread_name_prefix="imagegraph-background")
         # Work that holds the interpreter lock (see `processes`): shared by every worker of
-        # this process, its children ready with the node types imported.
+        # this process, its children ready with the drawing code imported.
         self._processes = (
-            shared_pool(settings.cpu_processes, preload=("imagegraph.nodes",))
+            shared_pool(settings.cpu_processes, preload=("imagegraph.drawing",))
             if settings.cpu_processes
             else None
         )
