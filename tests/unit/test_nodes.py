@@ -194,6 +194,12 @@ async def test_sandbox_delay_reports_progress() -> None:
     assert ctx.process_calls == 1  # drawn in a process of its own
 
 
+async def test_sandbox_waits_in_one_sleep_while_nobody_follows() -> None:
+    ctx, _ = await generate(ctx=MemoryContext(followed=False), delayMs=500)
+
+    assert [fraction for fraction, _ in ctx.progress_calls] == pytest.approx([5 / 6])
+
+
 async def test_sandbox_without_delay_reports_no_progress() -> None:
     ctx, _ = await generate()
 

@@ -184,8 +184,12 @@ class RunContext:
         await self._save_provider_job(job)
         self._provider_job = job
 
+    @property
+    def watched(self) -> bool:
+        return self._bus.listening(self._execution_id)
+
     def progress(self, fraction: float, message: str | None = None) -> None:
-        if not self._bus.listening(self._execution_id):
+        if not self.watched:
             return  # progress notices are never recorded: nobody would hear this one
         event = Event(
             recorded=False,

@@ -171,6 +171,12 @@ class NodeContext(Protocol):
         ...
 
     @property
+    def watched(self) -> bool:
+        """Whether anyone follows this execution's live events now (progress reported
+        while nobody does is dropped)."""
+        ...
+
+    @property
     def providers(self) -> ProviderHub:
         """The hosted-model providers of this server (adapters, limits, breakers)."""
         ...

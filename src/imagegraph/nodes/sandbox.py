@@ -113,11 +113,14 @@ class SandboxGenerate(Node[SandboxParams]):
 
 
 async def _wait(ctx: NodeContext, seconds: float) -> None:
-    """Wait `seconds`, reporting progress along the way. Each step sleeps until its own
-    point in time, so small scheduling delays do not add up over the steps."""
+    """Wait `seconds`, reporting progress along the way to whoever follows the execution
+    (while nobody does, in one sleep). Each step sleeps until its own point in time, so
+    small scheduling delays do not add up over the steps."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     ticks = max(1, min(10, int(seconds / 0.1)))  # every 0.1 s at most
-    for tick in range(1, ticks + 1):
+    tick = 0
+    while tick < ticks:
+        tick = tick + 1 if ctx.watched else ticks
         await asyncio.sleep(max(0.0, started + seconds * tick / ticks - loop.time()))
         ctx.progress(tick / (ticks + 1), "waiting for the sandbox provider")

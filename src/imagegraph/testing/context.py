@@ -58,6 +58,7 @@ class MemoryContext:
     images: dict[str, Image.Image] = field(default_factory=dict)
     stored: list[StoredImage] = field(default_factory=list)
     progress_calls: list[tuple[float, str | None]] = field(default_factory=list)
+    followed: bool = True  # whether someone follows the execution's live events
     fetched: list[str] = field(default_factory=list)
     cpu_calls: int = 0
     process_calls: int = 0
@@ -151,6 +152,10 @@ class MemoryContext:
 
     def progress(self, fraction: float, message: str | None = None) -> None:
         self.progress_calls.append((fraction, message))
+
+    @property
+    def watched(self) -> bool:
+        return self.followed
 
     @property
     def providers(self) -> ProviderHub:
