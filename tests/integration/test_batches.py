@@ -49,11 +49,8 @@ async def _wait(client: httpx.AsyncClient, batch_id: str, timeout: float = 30) -
         await asyncio.sleep(0.05)
 
 
-async def _started(
-    client: httpx.AsyncClient, delay_ms: int, items: int, concurrency: int
-) -> tuple[str, str]:
-    """A batch of a slow workflow, once `concurrency` of its items run: (workflow, batch)."""
-    workflow_id = await _workflow(client, linear(seed=None, size=64, delay_ms=delay_ms))
+async def _posted(client: httpx.AsyncClient, workflow_id: str, items: int, concurrency: int) -> str:
+    """A batch of `items` prompts ("p0", "p1", ...) of the workflow: its id."""
     response = await client.post(
         "/api/v1/batches",
         json={
@@ -62,7 +59,17 @@ async def _started(
             "concurrency": concurrency,
         },
     )
+    assert response.status_code == 201, response.text
     batch_id: str = response.json()["batchId"]
+    return batch_id
+
+
+async def _started(
+    client: httpx.AsyncClient, delay_ms: int, items: int, concurrency: int
+) -> tuple[str, str]:
+    """A batch of a slow workflow, once `concurrency` of its items run: (workflow, batch)."""
+    workflow_id = await _workflow(client, linear(seed=None, size=64, delay_ms=delay_ms))
+    batch_id = await _posted(client, workflow_id, items, concurrency)
     while (await client.get(f"/api/v1/batches/{batch_id}")).json()["counts"][
         "running"
     ] < concurrency:
@@ -113,16 +120,7 @@ async def test_concurrency_limit_is_never_exceeded(
     client: httpx.AsyncClient, runtime: Runtime
 ) -> None:
     doc = linear(seed=None, size=64, delay_ms=100)
-    workflow_id = await _workflow(client, doc)
-    response = await client.post(
-        "/api/v1/batches",
-        json={
-            "workflowId": workflow_id,
-            "items": [{"Prompt": f"p{i}"} for i in range(20)],
-            "concurrency": 4,
-        },
-    )
-    batch_id = response.json()["batchId"]
+    batch_id = await _posted(client, await _workflow(client, doc), items=20, concurrency=4)
     peak = 0
     while True:
         body = (await client.get(f"/api/v1/batches/{batch_id}")).json()
@@ -146,16 +144,7 @@ async def test_concurrency_limit_is_never_exceeded(
 async def test_an_item_s_end_starts_the_next_item_in_the_same_transaction(
     client: httpx.AsyncClient, runtime: Runtime
 ) -> None:
-    workflow_id = await _workflow(client)
-    response = await client.post(
-        "/api/v1/batches",
-        json={
-            "workflowId": workflow_id,
-            "items": [{"Prompt": f"p{i}"} for i in range(4)],
-            "concurrency": 1,
-        },
-    )
-    batch_id = response.json()["batchId"]
+    batch_id = await _posted(client, await _workflow(client), items=4, concurrency=1)
     assert (await _wait(client, batch_id))["counts"]["completed"] == 4
     with runtime.db.read() as conn:
         rows = conn.execute(
