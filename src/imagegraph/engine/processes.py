@@ -59,7 +59,6 @@ class ProcessPool:
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._feeders: list[threading.Thread] = []
-        self._children: set[subprocess.Popen[bytes]] = set()
         self._closed = False
 
     def start(self) -> None:
@@ -132,7 +131,6 @@ class ProcessPool:
                     ok, value = pickle.loads(_receive(child.stdout))  # noqa: S301 (our child)
                 except (OSError, EOFError, pickle.UnpicklingError):
                     code = _reap(child)
-                    self._forget(child)
                     child = None
                     future.set_exception(
                         ProcessLost(f"the worker process ended (exit code {code}) during a call")
@@ -145,7 +143,6 @@ class ProcessPool:
         finally:
             if child is not None:
                 _stop(child)
-                self._forget(child)
 
     def _start_child(self) -> subprocess.Popen[bytes] | None:
         command = [sys.executable, "-m", "imagegraph.engine.processes", *self.preload]
@@ -156,13 +153,7 @@ class ProcessPool:
         except OSError:
             log.exception("could not start a worker process (%s)", " ".join(command))
             return None
-        with self._lock:
-            self._children.add(child)
         return child
-
-    def _forget(self, child: subprocess.Popen[bytes]) -> None:
-        with self._lock:
-            self._children.discard(child)
 
 
 def _send(stream: IO[bytes], payload: bytes) -> None:
